@@ -1,0 +1,202 @@
+r"""Momentum natural-gradient descent in generalized normal coordinates (MATH (2.6)).
+
+Pure functions on tensors and :class:`~structvi.structures.Structure` objects. One step, with
+covariance-side factor ``K`` (``Σ = K Kᵀ``), mean ``μ`` and the statistics
+``g = E_q[∇f]`` and ``P = Π̂(Kᵀ Ē K)``, ``Ē = E_q[∇²f]``:
+
+.. math::
+    \nu &= \tfrac12\,(P - \tau\,\hat\Pi(I)) \\
+    m_K &\leftarrow \alpha_K m_K + \nu \\
+    \beta_{\text{eff}} &= \min(\beta_K,\ c / \|m_K\|_\infty) \qquad\text{(trust region)} \\
+    K &\leftarrow K\, h(-\beta_{\text{eff}}\, m_K) \\
+    m_\mu &\leftarrow \alpha_\mu m_\mu + g \\
+    \mu &\leftarrow \mu - \beta_\mu\, K K^\top m_\mu \qquad\text{(with the updated } K)
+
+The mean step uses the **updated** factor (the Bayesian-learning-rule order): it differs from the
+pre-update order at O(β²) and makes a step with exact curvature a Newton step. No inverse,
+solve or decomposition is used: ``h`` and the mean step are matrix products.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from structvi.engine.retraction import check_retraction
+from structvi.structures.base import Structure
+from structvi.structures.registry import structure_from_spec
+
+__all__ = ["NGDConfig", "NGDState", "NGDStats", "factor_step", "init", "mean_step", "step"]
+
+
+def _check_nonneg(name: str, value: Any, *, strict: bool = False, upper: float | None = None):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > 0 if strict else value >= 0) and (upper is None or value < upper)
+    if not ok:
+        rng = ("> 0" if strict else ">= 0") + (f" and < {upper}" if upper is not None else "")
+        raise ValueError(f"{name} must be a finite number {rng}, got {name}={value!r}")
+
+
+@dataclass(frozen=True)
+class NGDConfig:
+    """Hyper-parameters of one engine step.
+
+    Args:
+        lr: factor step size ``β_K`` (> 0).
+        momentum: factor momentum ``α_K`` in ``[0, 1)``.
+        lr_mean: mean step size ``β_μ``; defaults to ``lr``.
+        momentum_mean: mean momentum ``α_μ``; defaults to ``momentum``.
+        retraction: ``"quadratic"`` (default), ``"first_order"`` or ``"expm"``.
+        trust_region: ``c`` in ``β_eff = min(β_K, c/‖m_K‖_∞)``; ``None`` disables the cap.
+            MATH §2.6: without it a stiff target diverges from ``K = I``.
+        temperature: ``τ`` (1 is the ELBO; MATH (2.1)).
+    """
+
+    lr: float = 0.1
+    momentum: float = 0.0
+    lr_mean: float | None = None
+    momentum_mean: float | None = None
+    retraction: str = "quadratic"
+    trust_region: float | None = 1.0
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_nonneg("lr", self.lr, strict=True)
+        _check_nonneg("momentum", self.momentum, upper=1.0)
+        if self.lr_mean is not None:
+            _check_nonneg("lr_mean", self.lr_mean)
+        if self.momentum_mean is not None:
+            _check_nonneg("momentum_mean", self.momentum_mean, upper=1.0)
+        check_retraction(self.retraction)
+        if self.trust_region is not None:
+            _check_nonneg("trust_region", self.trust_region, strict=True)
+        _check_nonneg("temperature", self.temperature)
+
+    @property
+    def beta_mean(self) -> float:
+        return self.lr if self.lr_mean is None else self.lr_mean
+
+    @property
+    def alpha_mean(self) -> float:
+        return self.momentum if self.momentum_mean is None else self.momentum_mean
+
+    def replace(self, **changes: Any) -> NGDConfig:
+        """A copy with some fields changed (validated)."""
+        return dataclasses.replace(self, **changes)
+
+
+class NGDStats(NamedTuple):
+    """Statistics of one step: ``grad = E_q[∇f]`` (shape ``(d,)``) and
+    ``curvature = Π̂(Kᵀ Ē K)`` (a coordinate element of the factor's structure)."""
+
+    grad: Tensor
+    curvature: Structure
+
+
+class NGDState(NamedTuple):
+    """Engine state: tensors and structures only (see :meth:`state_dict`)."""
+
+    loc: Tensor
+    factor: Structure
+    factor_momentum: Structure
+    loc_momentum: Tensor
+    step: int
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors plus JSON-able specs; loads with ``torch.load(weights_only=True)``."""
+        return {
+            "loc": self.loc,
+            "loc_momentum": self.loc_momentum,
+            "factor": self.factor.tensors(),
+            "factor_spec": self.factor.spec(),
+            "factor_momentum": self.factor_momentum.tensors(),
+            "factor_momentum_spec": self.factor_momentum.spec(),
+            "step": self.step,
+        }
+
+    @classmethod
+    def from_state_dict(cls, sd: dict[str, Any]) -> NGDState:
+        """Inverse of :meth:`state_dict` (dtypes as stored)."""
+        return cls(
+            loc=sd["loc"],
+            factor=structure_from_spec(sd["factor"], sd["factor_spec"]),
+            factor_momentum=structure_from_spec(sd["factor_momentum"], sd["factor_momentum_spec"]),
+            loc_momentum=sd["loc_momentum"],
+            step=int(sd["step"]),
+        )
+
+
+def init(
+    loc: Tensor, factor: Structure, *, momentum_dtype: torch.dtype | None = None
+) -> NGDState:
+    """Start state: zero momenta (momentum dtype defaults to the factor's / the loc's)."""
+    if not isinstance(factor, Structure):
+        raise TypeError(f"factor must be a Structure, got {type(factor).__name__}")
+    if not isinstance(loc, Tensor) or loc.shape != (factor.dim,):
+        shape = tuple(loc.shape) if isinstance(loc, Tensor) else type(loc).__name__
+        raise ValueError(f"loc must have shape ({factor.dim},), got {shape}")
+    if loc.device != factor.device:
+        raise ValueError(f"loc is on {loc.device} but factor is on {factor.device}")
+    m_K = factor.zeros_like().to(momentum_dtype or factor.dtype)
+    m_mu = torch.zeros_like(loc, dtype=momentum_dtype or loc.dtype)
+    return NGDState(loc, factor, m_K, m_mu, 0)
+
+
+def factor_step(
+    factor: Structure,
+    momentum: Structure,
+    nu: Structure,
+    *,
+    lr: float | Tensor,
+    alpha: float,
+    retraction: str = "quadratic",
+    trust_region: float | None = 1.0,
+) -> tuple[Structure, Structure]:
+    """``m ← α m + ν``; ``K ← K h(−β_eff m)`` with ``β_eff = min(lr, c/‖m‖_∞)``.
+
+    ``nu`` is the natural gradient in local coordinates (minimization sign). Returns the new
+    factor (factor dtype) and momentum (momentum dtype).
+    """
+    m = momentum.scale(alpha).add(nu.to(momentum.dtype))
+    beta: float | Tensor = lr
+    if trust_region is not None:
+        norm = m.inf_norm().float()
+        cap = (trust_region / (torch.as_tensor(lr, dtype=torch.float32) * norm)).clamp(max=1.0)
+        beta = lr * cap.nan_to_num(nan=1.0)  # 0/0 when lr*norm = 0 → no cap needed
+    step_dir = m.to(factor.dtype).scale(-beta if isinstance(beta, float) else -beta.to(factor.dtype))
+    return factor.retract(step_dir, retraction), m
+
+
+def mean_step(
+    loc: Tensor, loc_momentum: Tensor, grad: Tensor, factor: Structure, *, lr: float, alpha: float
+) -> tuple[Tensor, Tensor]:
+    """``m_μ ← α m_μ + g``; ``μ ← μ − lr K Kᵀ m_μ`` (no solve)."""
+    m_mu = alpha * loc_momentum + grad.to(loc_momentum.dtype)
+    direction = factor.matmul(factor.rmatmul(m_mu.to(factor.dtype)))
+    return loc - lr * direction.to(loc.dtype), m_mu
+
+
+def step(state: NGDState, stats: NGDStats, config: NGDConfig) -> NGDState:
+    """One engine step, MATH (2.6). Pure: returns a new state."""
+    K = state.factor
+    if stats.grad.shape != state.loc.shape:
+        raise ValueError(f"stats.grad must have shape {tuple(state.loc.shape)}, "
+                         f"got {tuple(stats.grad.shape)}")
+    if not isinstance(stats.curvature, Structure) or stats.curvature.spec() != K.spec():
+        raise ValueError(f"stats.curvature must be a coordinate element with spec {K.spec()}")
+    eye = K.coord_identity()
+    nu = stats.curvature.to(K.dtype).add(eye, alpha=-config.temperature).scale(0.5)
+    K_new, m_K = factor_step(
+        K, state.factor_momentum, nu, lr=config.lr, alpha=config.momentum,
+        retraction=config.retraction, trust_region=config.trust_region,
+    )
+    loc, m_mu = mean_step(
+        state.loc, state.loc_momentum, stats.grad, K_new,
+        lr=config.beta_mean, alpha=config.alpha_mean,
+    )
+    return NGDState(loc, K_new, m_K, m_mu, state.step + 1)

@@ -1,0 +1,27 @@
+"""Structured matrices for covariance-side factors ``K`` (``Σ = K Kᵀ``) and their coordinates.
+
+Every module in this package that defines a structure registers it with :func:`register`;
+they are imported here so that :func:`make_structure` knows all of them.
+"""
+
+from structvi.structures.base import NaiveFallbackWarning, Structure
+from structvi.structures.registry import (
+    STRUCTURES,
+    get_structure_class,
+    make_structure,
+    register,
+    structure_from_spec,
+)
+
+# Importing the modules registers the structures (order = listing order in the docs).
+from structvi.structures import dense, diagonal  # noqa: E402,F401
+
+__all__ = [
+    "STRUCTURES",
+    "NaiveFallbackWarning",
+    "Structure",
+    "get_structure_class",
+    "make_structure",
+    "register",
+    "structure_from_spec",
+]

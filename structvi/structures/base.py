@@ -1,0 +1,287 @@
+"""The :class:`Structure` interface: a structured ``d×d`` matrix stored compactly.
+
+A structure instance is either a **group element** (the covariance-side factor ``K`` with
+``Σ = K Kᵀ``, DESIGN.md decision 1) or a **coordinate element** ``M`` of the local coordinate
+space ℳ (the natural gradient ``Π̂(·)`` and the momentum ``m_K`` of MATH §1.4–1.5). Both share
+the same storage pattern for every structure except ``kronecker`` (see its module).
+
+Operations return new objects; nothing mutates in place. Each op has a dense fallback here that
+emits :class:`NaiveFallbackWarning`; concrete structures override them with work proportional to
+their storage, never a hidden ``d×d`` matrix.
+
+Conventions for vectors: ``x`` has shape ``(d,)`` or ``(d, n)`` (``n`` column vectors), so
+``K.matmul(x)`` is ``K @ x`` and ``K.rmatmul(x)`` is ``Kᵀ @ x``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+__all__ = ["NaiveFallbackWarning", "Structure"]
+
+
+class NaiveFallbackWarning(UserWarning):
+    """An operation fell back to a dense ``d×d`` computation (specialize it)."""
+
+
+class Structure:
+    """A structured square matrix: compact tensors plus a JSON-able spec.
+
+    Subclasses set :attr:`name`, implement :meth:`shapes`, :meth:`identity_tensors`,
+    :meth:`to_dense`, :meth:`from_dense` and :meth:`project`, and override the dense fallbacks
+    (:meth:`matmul`, :meth:`rmatmul`, :meth:`compose`, :meth:`project_outer`, ...).
+
+    Args:
+        dim: matrix size ``d``.
+        tensors: the storage, ``{name: tensor}`` with the shapes of :meth:`shapes`.
+        **options: integer options of the structure (e.g. ``block_size``).
+    """
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, dim: int, tensors: Mapping[str, Tensor], **options: Any) -> None:
+        self.options = self.check_options(dim, **options)
+        self.dim = int(dim)
+        expected = self.shapes(self.dim, **self.options)
+        if set(tensors) != set(expected):
+            raise ValueError(
+                f"{self.name}: tensors must have keys {sorted(expected)}, got {sorted(tensors)}"
+            )
+        first = next(iter(tensors.values()))
+        for key, shape in expected.items():
+            t = tensors[key]
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{self.name}: tensor {key!r} must be a torch.Tensor, got {type(t)}")
+            if tuple(t.shape) != tuple(shape):
+                raise ValueError(
+                    f"{self.name}(dim={dim}, {self.options}): tensor {key!r} must have shape "
+                    f"{tuple(shape)}, got {tuple(t.shape)}"
+                )
+            if t.dtype != first.dtype or t.device != first.device:
+                raise ValueError(
+                    f"{self.name}: all tensors must share dtype and device; {key!r} is "
+                    f"{t.dtype}/{t.device}, expected {first.dtype}/{first.device}"
+                )
+        self._t = {k: tensors[k] for k in expected}
+
+    # ------------------------------------------------------------------ spec and storage
+    @classmethod
+    def check_options(cls, dim: int, **options: Any) -> dict[str, Any]:
+        """Validate ``dim`` and the options; return the normalized options."""
+        if options:
+            raise TypeError(f"{cls.name} takes no options, got {sorted(options)}")
+        _check_dim(dim)
+        return {}
+
+    @classmethod
+    def shapes(cls, dim: int, **options: Any) -> dict[str, tuple[int, ...]]:
+        """Shapes of the stored tensors for this ``dim`` and options."""
+        raise NotImplementedError
+
+    @classmethod
+    def identity_tensors(
+        cls, dim: int, *, dtype: torch.dtype, device: torch.device | str | None, **options: Any
+    ) -> dict[str, Tensor]:
+        """Storage of the identity matrix."""
+        raise NotImplementedError
+
+    @classmethod
+    def identity(cls, dim: int, *, dtype=torch.float32, device=None, **options: Any) -> Structure:
+        """The identity matrix in this structure."""
+        opts = cls.check_options(dim, **options)
+        return cls(dim, cls.identity_tensors(dim, dtype=dtype, device=device, **opts), **opts)
+
+    @classmethod
+    def zeros(cls, dim: int, *, dtype=torch.float32, device=None, **options: Any) -> Structure:
+        """The zero matrix in this structure (a coordinate element)."""
+        opts = cls.check_options(dim, **options)
+        shapes = cls.shapes(dim, **opts)
+        return cls(dim, {k: torch.zeros(s, dtype=dtype, device=device) for k, s in shapes.items()},
+                   **opts)
+
+    def spec(self) -> dict[str, Any]:
+        """JSON-able description: ``{"name", "dim", "options"}``."""
+        return {"name": self.name, "dim": self.dim, "options": dict(self.options)}
+
+    def tensors(self) -> dict[str, Tensor]:
+        """The stored tensors, ``{name: tensor}`` (shared, not copied)."""
+        return dict(self._t)
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, Tensor], spec: Mapping[str, Any]) -> Structure:
+        """Rebuild from :meth:`tensors` and :meth:`spec` (e.g. after ``torch.load``)."""
+        if spec.get("name") != cls.name:
+            raise ValueError(f"spec names structure {spec.get('name')!r}, expected {cls.name!r}")
+        return cls(spec["dim"], tensors, **spec.get("options", {}))
+
+    def _new(self, tensors: Mapping[str, Tensor]) -> Structure:
+        return type(self)(self.dim, tensors, **self.options)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self._t.values())).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self._t.values())).device
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.dim, self.dim)
+
+    def num_params(self) -> int:
+        """Number of stored numbers."""
+        return sum(t.numel() for t in self._t.values())
+
+    def to(self, dtype: torch.dtype | None = None, device=None) -> Structure:
+        """A copy in another dtype and/or on another device."""
+        return self._new({k: t.to(dtype=dtype, device=device) for k, t in self._t.items()})
+
+    def identity_like(self) -> Structure:
+        return type(self).identity(self.dim, dtype=self.dtype, device=self.device, **self.options)
+
+    def zeros_like(self) -> Structure:
+        return self._new({k: torch.zeros_like(t) for k, t in self._t.items()})
+
+    def coord_identity(self) -> Structure:
+        """``Π̂(I)``, the coordinate element of the identity matrix (MATH §1.4)."""
+        return self.identity_like()
+
+    def __repr__(self) -> str:
+        opts = "".join(f", {k}={v}" for k, v in self.options.items())
+        return f"{type(self).__name__}(dim={self.dim}{opts}, dtype={self.dtype})"
+
+    # ------------------------------------------------------------------ linear-space ops
+    def _check_same(self, other: Structure, arg: str = "other") -> None:
+        if not isinstance(other, Structure) or other.spec() != self.spec():
+            got = other.spec() if isinstance(other, Structure) else type(other).__name__
+            raise ValueError(f"{arg} must be a structure with spec {self.spec()}, got {got}")
+
+    def add(self, other: Structure, alpha: float = 1.0) -> Structure:
+        """``self + alpha * other`` (same structure)."""
+        self._check_same(other)
+        return self._new({k: t + alpha * other._t[k].to(t.dtype) for k, t in self._t.items()})
+
+    def scale(self, c: float | Tensor) -> Structure:
+        """``c * self``."""
+        return self._new({k: t * c for k, t in self._t.items()})
+
+    def max_abs(self) -> Tensor:
+        """Largest absolute stored entry (SINGD's ``normalize_lr_cov`` norm)."""
+        return torch.stack([t.abs().max() for t in self._t.values() if t.numel()]).max()
+
+    def trace(self) -> Tensor:
+        """``tr(self)``."""
+        return self.diagonal().sum()
+
+    # ------------------------------------------------------------------ dense forms
+    def to_dense(self) -> Tensor:
+        """The ``d×d`` matrix."""
+        raise NotImplementedError
+
+    def from_dense(self, A: Tensor) -> Structure:
+        """The structure holding ``A``'s entries on this pattern (``A`` assumed in the pattern)."""
+        raise NotImplementedError
+
+    def project(self, Y: Tensor) -> Structure:
+        """``Π̂(Y)`` for a symmetric ``d×d`` matrix ``Y`` (MATH §1.4, §3.5): a coordinate element."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ dense fallbacks
+    def _warn(self, op: str) -> None:
+        warnings.warn(
+            f"{type(self).__name__}.{op} uses a dense d×d fallback; specialize it",
+            NaiveFallbackWarning,
+            stacklevel=3,
+        )
+
+    def _check_vec(self, x: Tensor, arg: str = "x") -> None:
+        if not isinstance(x, Tensor) or x.dim() not in (1, 2) or x.shape[0] != self.dim:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"{arg} must have shape ({self.dim},) or ({self.dim}, n), got {shape}")
+
+    def matmul(self, x: Tensor) -> Tensor:
+        """``K @ x`` for ``x`` of shape ``(d,)`` or ``(d, n)``."""
+        self._warn("matmul")
+        self._check_vec(x)
+        return self.to_dense() @ x
+
+    def rmatmul(self, x: Tensor) -> Tensor:
+        """``Kᵀ @ x`` for ``x`` of shape ``(d,)`` or ``(d, n)``."""
+        self._warn("rmatmul")
+        self._check_vec(x)
+        return self.to_dense().T @ x
+
+    def compose(self, other: Structure) -> Structure:
+        """``self @ other``, closed in the structure's group (MATH §2.4 note (i))."""
+        self._warn("compose")
+        self._check_same(other)
+        return self.from_dense(self.to_dense() @ other.to_dense())
+
+    def project_outer(self, U: Tensor, V: Tensor | None = None) -> Structure:
+        """``Π̂(½(U Vᵀ + V Uᵀ))`` for ``U, V`` of shape ``(d, n)`` (``V = U`` if omitted)."""
+        self._warn("project_outer")
+        V = U if V is None else V
+        self._check_vec(U, "U")
+        self._check_vec(V, "V")
+        outer = U.reshape(self.dim, -1) @ V.reshape(self.dim, -1).T
+        return self.project(0.5 * (outer + outer.T))
+
+    def inner_project(self, X: Tensor) -> Structure:
+        """``Π̂(Kᵀ X Xᵀ K)`` without forming a ``d×d`` matrix (``X``: ``(d,)`` or ``(d, n)``)."""
+        return self.project_outer(self.rmatmul(X).reshape(self.dim, -1))
+
+    def diagonal(self) -> Tensor:
+        """``diag(K)``, shape ``(d,)``."""
+        self._warn("diagonal")
+        return self.to_dense().diagonal()
+
+    def gram_diagonal(self) -> Tensor:
+        """``diag(K Kᵀ)`` (the marginal variances when ``Σ = K Kᵀ``), shape ``(d,)``."""
+        self._warn("gram_diagonal")
+        return self.to_dense().square().sum(-1)
+
+    def inf_norm(self) -> Tensor:
+        """``‖K‖_∞``, the largest absolute row sum (the trust-region norm, MATH §2.6)."""
+        self._warn("inf_norm")
+        return self.to_dense().abs().sum(-1).max()
+
+    def logabsdet(self) -> Tensor:
+        """``log|det K|``; used for the entropy and monitoring, never inside an update."""
+        self._warn("logabsdet")
+        return torch.linalg.slogdet(self.to_dense().double())[1].to(self.dtype)
+
+    def retract(self, M: Structure, retraction: str = "quadratic") -> Structure:
+        """``K h(M)`` for a coordinate element ``M`` (MATH §1.2); see :mod:`structvi.engine`."""
+        from structvi.engine.retraction import apply_retraction
+
+        return self.compose(apply_retraction(M, retraction))
+
+
+def _check_dim(dim: Any) -> None:
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise ValueError(f"dim must be an integer >= 1, got dim={dim!r}")
+
+
+def check_int_option(name: str, value: Any, low: int, high: int | None, structure: str) -> int:
+    """Validate an integer option; the message names the argument, value and range."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{structure}: {name} must be an integer, got {name}={value!r}")
+    if value < low or (high is not None and value > high):
+        rng = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{structure}: {name} must be {rng}, got {name}={value}")
+    return value
+
+
+def sym(A: Tensor) -> Tensor:
+    """``½(A + Aᵀ)``."""
+    return 0.5 * (A + A.transpose(-1, -2))
+
+
+LOG_2PI_E = math.log(2 * math.pi * math.e)

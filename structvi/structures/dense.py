@@ -1,0 +1,76 @@
+r"""Dense factor: every entry free.
+
+.. math:: K = \begin{pmatrix} k_{11} & \cdots & k_{1d} \\ \vdots & \ddots & \vdots \\
+          k_{d1} & \cdots & k_{dd} \end{pmatrix}, \qquad \Sigma = K K^\top,\ S = K^{-\top} K^{-1}
+          \text{ both dense.}
+
+Coordinates ℳ = Sym(d), ``Π̂(Y) = Y``. Storage ``d²``; ``matmul`` O(d² n).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from structvi.structures.base import Structure, sym
+from structvi.structures.registry import register
+
+
+@register
+class Dense(Structure):
+    """Dense ``d×d`` factor (tensor ``matrix``)."""
+
+    name = "dense"
+
+    @classmethod
+    def shapes(cls, dim, **options):
+        return {"matrix": (dim, dim)}
+
+    @classmethod
+    def identity_tensors(cls, dim, *, dtype, device, **options):
+        return {"matrix": torch.eye(dim, dtype=dtype, device=device)}
+
+    @property
+    def matrix(self) -> Tensor:
+        return self._t["matrix"]
+
+    def to_dense(self) -> Tensor:
+        return self.matrix
+
+    def from_dense(self, A: Tensor) -> Dense:
+        return self._new({"matrix": A.to(self.dtype)})
+
+    def project(self, Y: Tensor) -> Dense:
+        return self._new({"matrix": sym(Y).to(self.dtype)})
+
+    def matmul(self, x: Tensor) -> Tensor:
+        self._check_vec(x)
+        return self.matrix @ x
+
+    def rmatmul(self, x: Tensor) -> Tensor:
+        self._check_vec(x)
+        return self.matrix.T @ x
+
+    def compose(self, other: Structure) -> Dense:
+        self._check_same(other)
+        return self._new({"matrix": self.matrix @ other.matrix.to(self.dtype)})
+
+    def project_outer(self, U: Tensor, V: Tensor | None = None) -> Dense:
+        V = U if V is None else V
+        self._check_vec(U, "U")
+        self._check_vec(V, "V")
+        U, V = U.reshape(self.dim, -1), V.reshape(self.dim, -1)
+        return self._new({"matrix": sym(U @ V.T).to(self.dtype)})
+
+    def diagonal(self) -> Tensor:
+        return self.matrix.diagonal()
+
+    def gram_diagonal(self) -> Tensor:
+        return self.matrix.square().sum(-1)
+
+    def inf_norm(self) -> Tensor:
+        return self.matrix.abs().sum(-1).max()
+
+    def logabsdet(self) -> Tensor:
+        # Monitoring only (entropy of a dense q); never called inside an update (MATH §2.6).
+        return torch.linalg.slogdet(self.matrix.double())[1].to(self.dtype)

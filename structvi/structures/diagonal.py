@@ -1,0 +1,76 @@
+r"""Diagonal factor (mean-field).
+
+.. math:: K = \operatorname{diag}(k_1, \dots, k_d), \qquad
+          \Sigma = \operatorname{diag}(k_i^2),\ S = \operatorname{diag}(k_i^{-2}).
+
+Coordinates ℳ = diagonal matrices, ``Π̂(Y) = diag(Y)``. Storage ``d``; ``matmul`` O(d n).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from structvi.structures.base import Structure
+from structvi.structures.registry import register
+
+
+@register
+class Diagonal(Structure):
+    """Diagonal factor (tensor ``diag`` of shape ``(d,)``)."""
+
+    name = "diagonal"
+
+    @classmethod
+    def shapes(cls, dim, **options):
+        return {"diag": (dim,)}
+
+    @classmethod
+    def identity_tensors(cls, dim, *, dtype, device, **options):
+        return {"diag": torch.ones(dim, dtype=dtype, device=device)}
+
+    @property
+    def diag(self) -> Tensor:
+        return self._t["diag"]
+
+    def to_dense(self) -> Tensor:
+        return torch.diag(self.diag)
+
+    def from_dense(self, A: Tensor) -> Diagonal:
+        return self._new({"diag": A.diagonal().to(self.dtype)})
+
+    def project(self, Y: Tensor) -> Diagonal:
+        return self._new({"diag": Y.diagonal().to(self.dtype).clone()})
+
+    def _scale_rows(self, x: Tensor) -> Tensor:
+        self._check_vec(x)
+        return self.diag * x if x.dim() == 1 else self.diag[:, None] * x
+
+    def matmul(self, x: Tensor) -> Tensor:
+        return self._scale_rows(x)
+
+    def rmatmul(self, x: Tensor) -> Tensor:
+        return self._scale_rows(x)
+
+    def compose(self, other: Structure) -> Diagonal:
+        self._check_same(other)
+        return self._new({"diag": self.diag * other.diag.to(self.dtype)})
+
+    def project_outer(self, U: Tensor, V: Tensor | None = None) -> Diagonal:
+        V = U if V is None else V
+        self._check_vec(U, "U")
+        self._check_vec(V, "V")
+        prod = U.reshape(self.dim, -1) * V.reshape(self.dim, -1)
+        return self._new({"diag": prod.sum(-1).to(self.dtype)})
+
+    def diagonal(self) -> Tensor:
+        return self.diag
+
+    def gram_diagonal(self) -> Tensor:
+        return self.diag.square()
+
+    def inf_norm(self) -> Tensor:
+        return self.diag.abs().max()
+
+    def logabsdet(self) -> Tensor:
+        return self.diag.abs().log().sum()
