@@ -14,7 +14,16 @@ from structvi.structures.registry import (
 )
 
 # Importing the modules registers the structures (order = listing order in the docs).
-from structvi.structures import dense, diagonal  # noqa: E402,F401
+from structvi.structures import (  # noqa: E402,F401
+    dense,
+    diagonal,
+    block_diagonal,
+    triangular,
+    low_rank_diagonal,
+    hierarchical,
+    triangular_toeplitz,
+    kronecker,
+)
 
 __all__ = [
     "STRUCTURES",

@@ -162,11 +162,16 @@ class Structure:
         if not isinstance(other, Structure) or other.spec() != self.spec():
             got = other.spec() if isinstance(other, Structure) else type(other).__name__
             raise ValueError(f"{arg} must be a structure with spec {self.spec()}, got {got}")
+        if other.dtype != self.dtype or other.device != self.device:
+            raise ValueError(
+                f"{arg} has dtype={other.dtype}, device={other.device}; expected "
+                f"dtype={self.dtype}, device={self.device} (convert with .to())"
+            )
 
     def add(self, other: Structure, alpha: float = 1.0) -> Structure:
         """``self + alpha * other`` (same structure)."""
         self._check_same(other)
-        return self._new({k: t + alpha * other._t[k].to(t.dtype) for k, t in self._t.items()})
+        return self._new({k: t + alpha * other._t[k] for k, t in self._t.items()})
 
     def scale(self, c: float | Tensor) -> Structure:
         """``c * self``."""
@@ -205,6 +210,11 @@ class Structure:
         if not isinstance(x, Tensor) or x.dim() not in (1, 2) or x.shape[0] != self.dim:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"{arg} must have shape ({self.dim},) or ({self.dim}, n), got {shape}")
+        if x.dtype != self.dtype or x.device != self.device:
+            raise ValueError(
+                f"{arg} has dtype={x.dtype}, device={x.device}; expected dtype={self.dtype}, "
+                f"device={self.device} like the structure"
+            )
 
     def matmul(self, x: Tensor) -> Tensor:
         """``K @ x`` for ``x`` of shape ``(d,)`` or ``(d, n)``."""
@@ -236,6 +246,12 @@ class Structure:
     def inner_project(self, X: Tensor) -> Structure:
         """``Π̂(Kᵀ X Xᵀ K)`` without forming a ``d×d`` matrix (``X``: ``(d,)`` or ``(d, n)``)."""
         return self.project_outer(self.rmatmul(X).reshape(self.dim, -1))
+
+    def inner_project_self(self) -> Structure:
+        """``Π̂(Kᵀ K)`` (singd's ``from_inner()``), without a ``d×d`` matrix."""
+        self._warn("inner_project_self")
+        Kd = self.to_dense()
+        return self.project(Kd.T @ Kd)
 
     def diagonal(self) -> Tensor:
         """``diag(K)``, shape ``(d,)``."""

@@ -53,7 +53,7 @@ class Dense(Structure):
 
     def compose(self, other: Structure) -> Dense:
         self._check_same(other)
-        return self._new({"matrix": self.matrix @ other.matrix.to(self.dtype)})
+        return self._new({"matrix": self.matrix @ other.matrix})
 
     def project_outer(self, U: Tensor, V: Tensor | None = None) -> Dense:
         V = U if V is None else V
@@ -61,6 +61,9 @@ class Dense(Structure):
         self._check_vec(V, "V")
         U, V = U.reshape(self.dim, -1), V.reshape(self.dim, -1)
         return self._new({"matrix": sym(U @ V.T).to(self.dtype)})
+
+    def inner_project_self(self) -> Dense:
+        return self._new({"matrix": sym(self.matrix.T @ self.matrix)})
 
     def diagonal(self) -> Tensor:
         return self.matrix.diagonal()

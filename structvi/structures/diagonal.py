@@ -54,7 +54,7 @@ class Diagonal(Structure):
 
     def compose(self, other: Structure) -> Diagonal:
         self._check_same(other)
-        return self._new({"diag": self.diag * other.diag.to(self.dtype)})
+        return self._new({"diag": self.diag * other.diag})
 
     def project_outer(self, U: Tensor, V: Tensor | None = None) -> Diagonal:
         V = U if V is None else V
@@ -62,6 +62,9 @@ class Diagonal(Structure):
         self._check_vec(V, "V")
         prod = U.reshape(self.dim, -1) * V.reshape(self.dim, -1)
         return self._new({"diag": prod.sum(-1).to(self.dtype)})
+
+    def inner_project_self(self) -> Diagonal:
+        return self._new({"diag": self.diag.square()})
 
     def diagonal(self) -> Tensor:
         return self.diag

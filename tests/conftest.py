@@ -1,0 +1,46 @@
+"""Shared fixtures: structure cases × dtypes, seeded generators, the inverse-free guard."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from structvi._forbid import ForbidDecompositions
+from structvi.structures import STRUCTURES
+from tests.structures.cases import STRUCTURE_CASES
+
+DTYPES = [
+    torch.float64,
+    torch.float32,
+    pytest.param(torch.bfloat16, marks=pytest.mark.lowprec),
+]
+FLOAT_DTYPES = [torch.float64, torch.float32]
+
+
+@pytest.fixture(params=STRUCTURE_CASES, ids=lambda c: c.id)
+def structure_case(request):
+    case = request.param
+    if case.name not in STRUCTURES:
+        pytest.skip(f"structure {case.name!r} not registered")
+    return case
+
+
+@pytest.fixture(params=DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def dtype(request):
+    return request.param
+
+
+@pytest.fixture(params=FLOAT_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def float_dtype(request):
+    return request.param
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture
+def forbid_decompositions():
+    with ForbidDecompositions():
+        yield
