@@ -1,0 +1,157 @@
+"""Cost of the structure operations and of one engine step, side by side.
+
+For every structure: time of ``matmul`` (``K @ X`` with ``X`` of shape ``(d, 16)``),
+``inner_project`` (``Π̂(Kᵀ X Xᵀ K)``) and one engine step (``structvi.engine.step``) at
+d ∈ {256, 1024, 4096} in float32 and bfloat16, plus storage in floats. The fitted growth
+exponent ``log(t(4096)/t(256)) / log(16)`` shows the cost order (≈1 for diagonal,
+≈1 per product for low_rank_diagonal at fixed rank, ≈2 for dense products, ≈3 for dense
+compositions inside the engine step).
+
+Run: ``python -m benchmarks.structures [--quick] [--out benchmarks/results/structures.json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from structvi import engine
+from structvi.structures import STRUCTURES, make_structure
+
+NCOLS = 16
+
+
+def configs(d: int) -> dict[str, dict]:
+    """Structure name → options at size ``d`` (only registered names)."""
+    side = int(round(math.sqrt(d)))
+    table = {
+        "dense": {},
+        "diagonal": {},
+        "block_diagonal": {"block_size": 32},
+        "lower_triangular": {},
+        "low_rank_diagonal": {"rank": 8},
+        "hierarchical": {"k1": 8, "k2": 8},
+        "triangular_toeplitz": {},
+        "kronecker": {"dims": (side, d // side), "factors": ("dense", "dense")},
+    }
+    return {k: v for k, v in table.items() if k in STRUCTURES}
+
+
+def timeit(fn, budget: float = 0.3, max_reps: int = 50) -> float:
+    """Median seconds per call: one warm-up, then repeat until ``budget`` seconds are spent."""
+    fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max_reps and (time.perf_counter() - start < budget or len(times) < 3):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def measure(name: str, d: int, options: dict, dtype: torch.dtype, gen: torch.Generator) -> dict:
+    K = make_structure(name, d, dtype=dtype, **options)
+    # a non-trivial factor: one engine step away from the identity
+    X = (torch.randn(d, NCOLS, generator=gen) / math.sqrt(NCOLS)).to(dtype)
+    state = engine.init(torch.zeros(d, dtype=dtype), K)
+    config = engine.NGDConfig(lr=0.1)
+    stats = engine.NGDStats(torch.randn(d, generator=gen).to(dtype), K.inner_project(X))
+    state = engine.step(state, stats, config)
+    K = state.factor
+    stats = engine.NGDStats(stats.grad, K.inner_project(X))
+    return {
+        "structure": name,
+        "options": {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()},
+        "d": d,
+        "dtype": str(dtype).replace("torch.", ""),
+        "storage_floats": K.num_params(),
+        "matmul_s": timeit(lambda: K.matmul(X)),
+        "inner_project_s": timeit(lambda: K.inner_project(X)),
+        "engine_step_s": timeit(lambda: engine.step(state, stats, config)),
+    }
+
+
+def growth(rows: list[dict], key: str) -> dict:
+    """Fitted exponent of ``key`` between the smallest and largest d, per structure and dtype."""
+    out: dict[str, dict[str, float]] = {}
+    for r in rows:
+        out.setdefault(r["structure"], {}).setdefault(r["dtype"], {})[r["d"]] = r[key]
+    res = {}
+    for s, by_dtype in out.items():
+        for dt, by_d in by_dtype.items():
+            lo, hi = min(by_d), max(by_d)
+            res.setdefault(s, {})[dt] = math.log(by_d[hi] / by_d[lo]) / math.log(hi / lo)
+    return res
+
+
+def markdown(rows: list[dict], dims: list[int]) -> str:
+    lines = [
+        "| structure | dtype | storage (floats) at d=" + "/".join(map(str, dims))
+        + " | matmul ms | inner_project ms | engine step ms |",
+        "|---|---|---|---|---|---|",
+    ]
+    keyed: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        keyed.setdefault((r["structure"], r["dtype"]), []).append(r)
+    for (s, dt), rs in keyed.items():
+        rs.sort(key=lambda r: r["d"])
+
+        def col(key, rs=rs):
+            return " / ".join(f"{1e3 * r[key]:.3g}" for r in rs)
+
+        storage = " / ".join(str(r["storage_floats"]) for r in rs)
+        lines.append(f"| {s} | {dt} | {storage} | {col('matmul_s')} | "
+                     f"{col('inner_project_s')} | {col('engine_step_s')} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="d ∈ {64, 256} only")
+    parser.add_argument("--out", default="benchmarks/results/structures.json")
+    args = parser.parse_args(argv)
+    dims = [64, 256] if args.quick else [256, 1024, 4096]
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for d in dims:
+            for name, options in configs(d).items():
+                rows.append(measure(name, d, options, dtype, gen))
+                print(f"{name:22s} d={d:5d} {rows[-1]['dtype']:8s} "
+                      f"matmul {1e3 * rows[-1]['matmul_s']:.3g} ms  "
+                      f"step {1e3 * rows[-1]['engine_step_s']:.3g} ms", flush=True)
+    result = {
+        "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(),
+                    "torch": torch.__version__},
+        "dims": dims,
+        "rows": rows,
+        "growth_exponent": {k: growth(rows, k) for k in
+                            ("storage_floats", "matmul_s", "inner_project_s", "engine_step_s")},
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    table = markdown(rows, dims)
+    expo = result["growth_exponent"]
+    table += "\n\nGrowth exponent p in cost ∝ d^p (float32, d = " + f"{dims[0]}…{dims[-1]}):\n\n"
+    table += "| structure | storage | matmul | inner_project | engine step |\n|---|---|---|---|---|\n"
+    for s in expo["matmul_s"]:
+        table += (f"| {s} | {expo['storage_floats'][s]['float32']:.2f} | "
+                  f"{expo['matmul_s'][s]['float32']:.2f} | "
+                  f"{expo['inner_project_s'][s]['float32']:.2f} | "
+                  f"{expo['engine_step_s'][s]['float32']:.2f} |\n")
+    out.with_suffix(".md").write_text(table)
+    print(table)
+    return result
+
+
+if __name__ == "__main__":
+    main()

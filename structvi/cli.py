@@ -1,0 +1,77 @@
+"""Command line: ``structvi demo`` and ``structvi bench``.
+
+``demo`` runs the bundled examples (Bayesian logistic regression on scikit-learn's breast-cancer
+data with three structures, and a short optimizer run on the digits data); ``bench`` runs the
+benchmarks in ``benchmarks/`` and writes ``benchmarks/results/``. Both need the source checkout
+(the examples and benchmarks are not part of the installed package).
+"""
+
+from __future__ import annotations
+
+import argparse
+import runpy
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+DEMOS = ["examples/logistic_regression.py", "examples/train_digits.py"]
+BENCHMARKS = {
+    "structures": "benchmarks.structures",
+    "vi": "benchmarks.vi_vs_pyro",
+    "vi_scaling": "benchmarks.vi_scaling",
+    "optim": "benchmarks.optim_digits",
+    "pyro": "benchmarks.pyro_path",
+}
+
+
+def _require_checkout(path: Path) -> None:
+    if not path.exists():
+        raise SystemExit(
+            f"{path} not found: `structvi demo` and `structvi bench` run from a source checkout "
+            f"(git clone, then `make demo`)"
+        )
+
+
+def demo(quick: bool) -> None:
+    """Run each demo script's ``main`` (few steps with ``--quick``)."""
+    for rel in DEMOS:
+        path = ROOT / rel
+        _require_checkout(path)
+        print(f"\n=== {rel} ===", flush=True)
+        module = runpy.run_path(str(path), run_name="structvi_demo")
+        kwargs = {"quick": True} if quick else {}
+        module["main"](**kwargs)
+
+
+def bench(names: list[str], quick: bool) -> None:
+    """Run the named benchmarks (all by default) as ``python -m benchmarks.<name>``."""
+    _require_checkout(ROOT / "benchmarks")
+    sys.path.insert(0, str(ROOT))
+    import importlib
+
+    for name in names or list(BENCHMARKS):
+        if name not in BENCHMARKS:
+            raise SystemExit(f"unknown benchmark {name!r}; expected one of {sorted(BENCHMARKS)}")
+        print(f"\n=== benchmark {name} ===", flush=True)
+        module = importlib.import_module(BENCHMARKS[name])
+        module.main(["--quick"] if quick else [])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="structvi", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_demo = sub.add_parser("demo", help="run the bundled examples")
+    p_demo.add_argument("--quick", action="store_true", help="few steps (smoke test)")
+    p_bench = sub.add_parser("bench", help="run benchmarks and write benchmarks/results/")
+    p_bench.add_argument("names", nargs="*", help=f"subset of {sorted(BENCHMARKS)}")
+    p_bench.add_argument("--quick", action="store_true", help="small sizes")
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        demo(args.quick)
+    else:
+        bench(args.names, args.quick)
+
+
+if __name__ == "__main__":
+    main()
