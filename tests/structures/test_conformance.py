@@ -70,6 +70,8 @@ def test_compose_group(structure_case, dtype, gen):
 
 
 def test_compose_coordinates(structure_case, dtype, gen):
+    if structure_case.name == "kronecker":
+        pytest.skip("a product of Kronecker sums is not a Kronecker sum (retraction is factor-wise)")
     m1, M1 = rounded(structure_case, gen, dtype, "coord")
     m2, M2 = rounded(structure_case, gen, dtype, "coord")
     out = m1.compose(m2)
