@@ -187,9 +187,9 @@ def step(state: NGDState, stats: NGDStats, config: NGDConfig) -> NGDState:
     if stats.grad.shape != state.loc.shape:
         raise ValueError(f"stats.grad must have shape {tuple(state.loc.shape)}, "
                          f"got {tuple(stats.grad.shape)}")
-    if not isinstance(stats.curvature, Structure) or stats.curvature.spec() != K.spec():
-        raise ValueError(f"stats.curvature must be a coordinate element with spec {K.spec()}")
     eye = K.coord_identity()
+    if not isinstance(stats.curvature, Structure) or stats.curvature.spec() != eye.spec():
+        raise ValueError(f"stats.curvature must be a coordinate element with spec {eye.spec()}")
     nu = stats.curvature.to(K.dtype).add(eye, alpha=-config.temperature).scale(0.5)
     K_new, m_K = factor_step(
         K, state.factor_momentum, nu, lr=config.lr, alpha=config.momentum,
