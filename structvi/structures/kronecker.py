@@ -1,1 +1,434 @@
-"""(being written)"""
+r"""Kronecker factor for matrix-shaped variables: ``K = K₁ ⊗ K₂``, each factor any structure.
+
+For ``z ∈ R^{d₁×d₂}`` flattened **row-major** (``z.reshape(-1)``, ``d = d₁d₂``) and
+``X = x.reshape(d₁, d₂)``:
+
+.. math:: K = K_1 \otimes K_2,\qquad K x = \operatorname{vec_{row}}(K_1 X K_2^\top),\qquad
+          \Sigma = K K^\top = (K_1K_1^\top) \otimes (K_2K_2^\top),\
+          S = (K_1^{-\top}K_1^{-1}) \otimes (K_2^{-\top}K_2^{-1})
+
+(``torch.kron`` order; ``K₁`` acts on the rows of ``X``, ``K₂`` on its columns). ``K₁``, ``K₂``
+are instances of any other registered structure (``factors=("dense", ("block_diagonal",
+{"block_size": 2}))``), so Σ is the Kronecker product of the two factors' covariances (MATH
+§2.4, §3.2: the KFAC/INGD preconditioner ``KKᵀ ⊗ CCᵀ``).
+
+Unlike the other structures, group and coordinate elements are stored differently, so one
+instance has a ``kind``:
+
+* ``"product"`` — a group element ``K₁ ⊗ K₂`` (:meth:`~Kronecker.identity`, a factor);
+* ``"sum"`` — a coordinate element ``M₁ ⊗ I + I ⊗ M₂`` (:meth:`~Kronecker.zeros`,
+  :meth:`~Kronecker.project`, momenta). ``add`` needs two sums, ``compose`` two products.
+
+**Retraction, factor-wise** (:meth:`Kronecker.retract`): ``K h(M) := (K₁ h(M₁)) ⊗ (K₂ h(M₂))``.
+For ``h = exp`` this is exact, ``exp(M₁ ⊗ I + I ⊗ M₂) = exp(M₁) ⊗ exp(M₂)``; for the truncated
+retractions it is the INGD convention (each factor updated on its own, MATH §3.2).
+
+**Projection by partial traces** (MATH §2.6, §3.2). For a symmetric ``Y`` seen as
+``Y[i, j, i', j']``: ``Π̂(Y) = Π̂₁(tr₂(Y)/d₂) ⊗ I + I ⊗ Π̂₂(tr₁(Y)/d₁)`` with
+``tr₂(Y)[i, i'] = Σ_j Y[i, j, i', j]``. This is the natural gradient for the block-diagonal
+metric that ignores the coupling of the two factors along the scale gauge ``K₁ → cK₁,
+K₂ → K₂/c``; ``½(Π̂ + Π̂ᵀ)`` is therefore *not* an orthogonal projection, and
+``Π̂(I) = I ⊗ I + I ⊗ I`` (dense: ``2I``) counts the gauge direction once per factor. With it the
+engine's ``ν = ½(Π̂(KᵀĒK) − τΠ̂(I))`` is, for ``Ē = A ⊗ G``, exactly INGD's per-factor
+``ν₁ = ½[tr̄(K₂ᵀGK₂)·Π̂₁(K₁ᵀAK₁) − τI]`` (and symmetrically ``ν₂``). Because both factors move
+along the overall scale, a step ``β`` moves ``log det Σ`` twice as fast as a dense step would:
+near the fixed point the scale error is multiplied by ``1 − 2β`` per step instead of ``1 − β``,
+so ``β = 1`` stalls along it (measured: dense⊗dense Gaussian target, exact statistics), while
+``β = ½`` converges fastest and any ``β < 1`` converges.
+
+Storage: the two factors' storage (tensors ``"0.<key>"``, ``"1.<key>"``). ``matmul`` costs the
+factors' ``matmul`` on ``(d₁, d₂n)`` and ``(d₂, d₁n)``; ``project_outer`` the factors'
+``project_outer``; no ``d×d`` matrix except in :meth:`Kronecker.to_dense` and in the argument
+of :meth:`Kronecker.project`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from structvi.structures.base import Structure, _check_dim, check_int_option
+from structvi.structures.registry import get_structure_class, register
+
+__all__ = ["KINDS", "Kronecker"]
+
+KINDS = ("product", "sum")
+_KIND_TEXT = {"product": "group element K₁ ⊗ K₂", "sum": "coordinate element M₁ ⊗ I + I ⊗ M₂"}
+
+
+def _normalize_factor(i: int, spec: Any, dim: int) -> dict[str, Any]:
+    """A factor spec (name, ``(name, options)`` or ``{"name", "options"}``) in normal form."""
+    if isinstance(spec, str):
+        name, opts = spec, {}
+    elif isinstance(spec, Mapping) and set(spec) <= {"name", "options"}:
+        name, opts = spec.get("name"), spec.get("options", {})
+    elif isinstance(spec, Sequence) and len(spec) == 2 and isinstance(spec[1], Mapping):
+        name, opts = spec
+    else:
+        raise ValueError(
+            f"kronecker: factors[{i}] must be a structure name or (name, {{options}}), "
+            f"got {spec!r}"
+        )
+    if name == "kronecker":
+        raise ValueError(f"kronecker: factors[{i}] cannot be 'kronecker' (no nested Kronecker "
+                         "products); use one of the other structures")
+    try:
+        cls = get_structure_class(name)
+        opts = cls.check_options(dim, **opts)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"kronecker: factors[{i}] (dim {dim}): {err}") from err
+    return {"name": name, "options": dict(opts)}
+
+
+def _factor_spec(f: Structure) -> dict[str, Any]:
+    return {"name": f.name, "options": dict(f.options)}
+
+
+def _along(op: Callable[[Tensor], Tensor], X: Tensor, axis: int) -> Tensor:
+    """Apply a ``d_axis × d_axis`` operator to axis 0 or 1 of ``X`` of shape ``(d₁, d₂, n)``."""
+    if axis == 0:
+        return op(X.reshape(X.shape[0], -1)).reshape(X.shape)
+    d1, d2, n = X.shape
+    return op(X.transpose(0, 1).reshape(d2, -1)).reshape(d2, d1, n).transpose(0, 1)
+
+
+def _unfold(U: Tensor, dims: tuple[int, int], axis: int) -> Tensor:
+    """``U`` (``(d,)`` or ``(d, n)``) as the ``(d_axis, rest)`` matrix whose rows index ``axis``."""
+    d1, d2 = dims
+    U3 = U.reshape(d1, d2, -1)
+    return U3.reshape(d1, -1) if axis == 0 else U3.transpose(0, 1).reshape(d2, -1)
+
+
+def _abs_row_sums(f: Structure) -> Tensor:
+    """Row sums of ``|F|``: every structure stores the entries of its matrix on disjoint
+    positions, so ``|F|`` is the same structure with ``|tensors|``."""
+    absf = type(f)(f.dim, {k: t.abs() for k, t in f.tensors().items()}, **f.options)
+    return absf.matmul(torch.ones(f.dim, dtype=f.dtype, device=f.device))
+
+
+@register
+class Kronecker(Structure):
+    """``K₁ ⊗ K₂`` (kind ``"product"``) or ``M₁ ⊗ I + I ⊗ M₂`` (kind ``"sum"``).
+
+    Args:
+        dim: matrix size ``d = d₁ d₂``.
+        tensors: the factors' tensors, keys ``"0.<key>"`` (first factor) and ``"1.<key>"``.
+        dims: ``(d₁, d₂)``, the shape of the matrix-shaped variable (row-major flattening).
+        factors: two factor specs, each a structure name or ``(name, {options})``, e.g.
+            ``("dense", ("block_diagonal", {"block_size": 2}))``; default two dense factors.
+        kind: ``"product"`` (group element) or ``"sum"`` (coordinate element).
+
+    Build one with ``make_structure("kronecker", 12, dims=(3, 4), factors=...)`` or from two
+    structures with :meth:`from_factors`.
+    """
+
+    name = "kronecker"
+
+    def __init__(self, dim: int, tensors: Mapping[str, Tensor], **options: Any) -> None:
+        self.options = self.check_options(dim, **options)
+        self.dim = int(dim)
+        expected = self.shapes(self.dim, **self.options)
+        if set(tensors) != set(expected):
+            raise ValueError(
+                f"kronecker: tensors must have keys {sorted(expected)}, got {sorted(tensors)}"
+            )
+        factors = []
+        for i, (d, spec) in enumerate(zip(self.dims, self.options["factors"])):
+            own = {k.split(".", 1)[1]: t for k, t in tensors.items() if k.startswith(f"{i}.")}
+            factors.append(get_structure_class(spec["name"])(d, own, **spec["options"]))
+        f1, f2 = factors
+        if (f1.dtype, f1.device) != (f2.dtype, f2.device):
+            raise ValueError(
+                f"kronecker: both factors must share dtype and device, got {f1.dtype}/{f1.device}"
+                f" and {f2.dtype}/{f2.device}"
+            )
+        self.factors: tuple[Structure, Structure] = (f1, f2)
+        self._t = {f"{i}.{k}": t for i, f in enumerate(factors) for k, t in f.tensors().items()}
+
+    # ------------------------------------------------------------------ spec and storage
+    @classmethod
+    def check_options(
+        cls, dim: int, *, dims: Any = None, factors: Any = ("dense", "dense"),
+        kind: str = "product", **unknown: Any,
+    ) -> dict[str, Any]:
+        _check_dim(dim)
+        if unknown:
+            raise TypeError(f"kronecker: unknown option(s) {sorted(unknown)}; the options are "
+                            "dims, factors and kind")
+        if dims is None:
+            raise TypeError("kronecker: option dims=(d1, d2) is required (d1·d2 = dim)")
+        if isinstance(dims, (str, bytes)) or not isinstance(dims, Sequence) or len(dims) != 2:
+            raise ValueError(f"kronecker: dims must be a pair (d1, d2), got dims={dims!r}")
+        d1, d2 = (check_int_option(f"dims[{i}]", v, 1, None, cls.name) for i, v in enumerate(dims))
+        if d1 * d2 != dim:
+            raise ValueError(f"kronecker: mismatched Kronecker shapes: dims=({d1}, {d2}) gives "
+                             f"d1·d2 = {d1 * d2}, but dim={dim}")
+        if isinstance(factors, (str, bytes, Mapping)) or not isinstance(factors, Sequence) \
+                or len(factors) != 2:
+            raise ValueError(f"kronecker: factors must be a pair of structure specs, "
+                             f"got factors={factors!r}")
+        specs = [_normalize_factor(i, f, d) for i, (f, d) in enumerate(zip(factors, (d1, d2)))]
+        if kind not in KINDS:
+            raise ValueError(f"kronecker: kind must be one of {KINDS}, got kind={kind!r}")
+        return {"dims": [d1, d2], "factors": specs, "kind": kind}
+
+    @classmethod
+    def shapes(cls, dim, *, dims, factors, **options):
+        return {
+            f"{i}.{k}": shape
+            for i, (d, f) in enumerate(zip(dims, factors))
+            for k, shape in get_structure_class(f["name"]).shapes(d, **f["options"]).items()
+        }
+
+    @classmethod
+    def identity_tensors(cls, dim, *, dtype, device, dims, factors, **options):
+        return {
+            f"{i}.{k}": t
+            for i, (d, f) in enumerate(zip(dims, factors))
+            for k, t in get_structure_class(f["name"]).identity_tensors(
+                d, dtype=dtype, device=device, **f["options"]).items()
+        }
+
+    @classmethod
+    def _options_of_kind(cls, dim: int, kind: str, options: dict[str, Any]) -> dict[str, Any]:
+        opts = cls.check_options(dim, **{"kind": kind, **options})
+        if opts["kind"] != kind:
+            raise ValueError(f"kronecker: this constructor makes a {kind}-kind element "
+                             f"({_KIND_TEXT[kind]}), got kind={opts['kind']!r}")
+        return opts
+
+    @classmethod
+    def identity(cls, dim: int, *, dtype=torch.float32, device=None, **options: Any) -> Kronecker:
+        """``I = I ⊗ I`` as a product-kind (group) element."""
+        opts = cls._options_of_kind(dim, "product", options)
+        return cls(dim, cls.identity_tensors(dim, dtype=dtype, device=device, **opts), **opts)
+
+    @classmethod
+    def zeros(cls, dim: int, *, dtype=torch.float32, device=None, **options: Any) -> Kronecker:
+        """``0 = 0 ⊗ I + I ⊗ 0`` as a sum-kind (coordinate) element."""
+        opts = cls._options_of_kind(dim, "sum", options)
+        shapes = cls.shapes(dim, **opts)
+        return cls(dim, {k: torch.zeros(s, dtype=dtype, device=device) for k, s in shapes.items()},
+                   **opts)
+
+    @classmethod
+    def from_factors(cls, f1: Structure, f2: Structure, kind: str = "product") -> Kronecker:
+        """``f1 ⊗ f2`` (``kind="product"``) or ``f1 ⊗ I + I ⊗ f2`` (``kind="sum"``)."""
+        for i, f in enumerate((f1, f2)):
+            if not isinstance(f, Structure) or isinstance(f, Kronecker):
+                raise ValueError(f"kronecker: factor {i} must be a non-Kronecker Structure, "
+                                 f"got {f!r}")
+        tensors = {f"{i}.{k}": t for i, f in enumerate((f1, f2)) for k, t in f.tensors().items()}
+        options = {"dims": [f1.dim, f2.dim], "factors": [_factor_spec(f1), _factor_spec(f2)],
+                   "kind": kind}
+        return cls(f1.dim * f2.dim, tensors, **options)
+
+    def num_params(self) -> int:
+        """The factors' numbers of free entries."""
+        return sum(f.num_params() for f in self.factors)
+
+    def _pair(self, f1: Structure, f2: Structure, kind: str | None = None) -> Kronecker:
+        return type(self).from_factors(f1, f2, kind or self.kind)
+
+    def spec(self) -> dict[str, Any]:
+        """``{"name": "kronecker", "dim", "options": {"dims", "factors", "kind"}}`` (a copy)."""
+        o = self.options
+        options = {"dims": list(o["dims"]), "kind": o["kind"],
+                   "factors": [{"name": f["name"], "options": dict(f["options"])}
+                               for f in o["factors"]]}
+        return {"name": self.name, "dim": self.dim, "options": options}
+
+    @property
+    def dims(self) -> tuple[int, int]:
+        return tuple(self.options["dims"])
+
+    @property
+    def kind(self) -> str:
+        return self.options["kind"]
+
+    def identity_like(self) -> Kronecker:
+        return self._pair(*(f.identity_like() for f in self.factors), "product")
+
+    def zeros_like(self) -> Kronecker:
+        return self._pair(*(f.zeros_like() for f in self.factors), "sum")
+
+    def coord_identity(self) -> Kronecker:
+        """``Π̂(I) = Π̂₁(I) ⊗ I + I ⊗ Π̂₂(I)`` (``2I`` for dense factors; see the module doc)."""
+        return self._pair(*(f.coord_identity() for f in self.factors), "sum")
+
+    def __repr__(self) -> str:
+        parts = []
+        for f in self.factors:
+            opts = ", ".join(f"{k}={v}" for k, v in f.options.items())
+            parts.append(f"{f.name}({f.dim}{', ' + opts if opts else ''})")
+        return f"Kronecker({' ⊗ '.join(parts)}, kind={self.kind}, dtype={self.dtype})"
+
+    def _require(self, kind: str, op: str) -> None:
+        if self.kind != kind:
+            raise ValueError(f"Kronecker.{op} is defined for a {kind}-kind {_KIND_TEXT[kind]}, "
+                             f"got a {self.kind}-kind {_KIND_TEXT[self.kind]}")
+
+    # ------------------------------------------------------------------ linear-space ops
+    def add(self, other: Structure, alpha: float = 1.0) -> Kronecker:
+        """Factor-wise, for two sums: ``(M₁ + αN₁) ⊗ I + I ⊗ (M₂ + αN₂)``.
+
+        Raises:
+            ValueError: other structure/kind/dtype, or two products (``K₁⊗K₂ + L₁⊗L₂`` is not
+                a Kronecker product).
+        """
+        self._check_same(other)
+        if self.kind == "product":
+            raise ValueError(
+                "Kronecker.add: K₁ ⊗ K₂ + L₁ ⊗ L₂ is not a Kronecker product; add is defined for "
+                "coordinate elements M₁ ⊗ I + I ⊗ M₂ (kind 'sum')"
+            )
+        return self._pair(*(f.add(g, alpha) for f, g in zip(self.factors, other.factors)))
+
+    def scale(self, c: float | Tensor) -> Kronecker:
+        """``c·(M₁ ⊗ I + I ⊗ M₂)`` scales both factors; ``c·(K₁ ⊗ K₂) = (cK₁) ⊗ K₂``."""
+        f1, f2 = self.factors
+        return self._pair(f1.scale(c), f2.scale(c) if self.kind == "sum" else f2)
+
+    def max_abs(self) -> Tensor:
+        """Product: ``max|K₁|·max|K₂|``, the largest entry of ``K₁ ⊗ K₂``. Sum: the largest
+        stored entry ``max(max|M₁|, max|M₂|)`` (per factor, as INGD's ``normalize_lr_cov``)."""
+        a, b = (f.max_abs() for f in self.factors)
+        return a * b if self.kind == "product" else torch.maximum(a, b)
+
+    # ------------------------------------------------------------------ dense forms
+    def to_dense(self) -> Tensor:
+        A1, A2 = (f.to_dense() for f in self.factors)
+        if self.kind == "product":
+            return torch.kron(A1, A2)
+        I1, I2 = (torch.eye(d, dtype=self.dtype, device=self.device) for d in self.dims)
+        return torch.kron(A1, I2) + torch.kron(I1, A2)
+
+    def from_dense(self, A: Tensor) -> Kronecker:
+        """The factors of ``A = K₁ ⊗ K₂`` (product) or ``A = M₁ ⊗ I + I ⊗ M₂`` (sum).
+
+        Product: ``K₁ ∝ A[:, j, :, l]`` and ``K₂ ∝ A[i, :, k, :]`` at the largest ``|A[i,j,k,l]|``.
+        Sum: ``M₁ = A[:, 0, :, 0] − (a/2)I`` and ``M₂ = A[0, :, 0, :] − (a/2)I``, ``a = A[0,0,0,0]``
+        (the trace split between the factors is a gauge; this one splits it evenly).
+        """
+        d1, d2 = self.dims
+        A4 = A.to(self.dtype).reshape(d1, d2, d1, d2)
+        f1, f2 = self.factors
+        if self.kind == "product":
+            i, j, k, l = torch.unravel_index(A4.abs().argmax(), A4.shape)
+            return self._pair(f1.from_dense(A4[:, j, :, l]),
+                              f2.from_dense(A4[i, :, k, :] / A4[i, j, k, l]))
+        half = 0.5 * A4[0, 0, 0, 0]
+        return self._pair(
+            f1.from_dense(A4[:, 0, :, 0] - half * torch.eye(d1, dtype=A4.dtype, device=A4.device)),
+            f2.from_dense(A4[0, :, 0, :] - half * torch.eye(d2, dtype=A4.dtype, device=A4.device)),
+        )
+
+    def project(self, Y: Tensor) -> Kronecker:
+        """``Π̂(Y) = Π̂₁(tr₂(Y)/d₂) ⊗ I + I ⊗ Π̂₂(tr₁(Y)/d₁)`` for a symmetric ``d×d`` ``Y``."""
+        if not isinstance(Y, Tensor) or tuple(Y.shape) != (self.dim, self.dim):
+            shape = tuple(Y.shape) if isinstance(Y, Tensor) else type(Y).__name__
+            raise ValueError(f"Y must have shape ({self.dim}, {self.dim}), got {shape}")
+        d1, d2 = self.dims
+        Y4 = Y.reshape(d1, d2, d1, d2)
+        f1, f2 = self.factors
+        return self._pair(f1.project(torch.einsum("ijkj->ik", Y4) / d2),
+                          f2.project(torch.einsum("ijil->jl", Y4) / d1), "sum")
+
+    # ------------------------------------------------------------------ products
+    def _apply(self, x: Tensor, transpose: bool) -> Tensor:
+        self._check_vec(x)
+        f1, f2 = self.factors
+        op1, op2 = (f1.rmatmul, f2.rmatmul) if transpose else (f1.matmul, f2.matmul)
+        X = x.reshape(*self.dims, -1)
+        if self.kind == "product":  # K₁ X K₂ᵀ
+            out = _along(op2, _along(op1, X, 0), 1)
+        else:  # M₁ X + X M₂ᵀ
+            out = _along(op1, X, 0) + _along(op2, X, 1)
+        return out.reshape(x.shape)
+
+    def matmul(self, x: Tensor) -> Tensor:
+        return self._apply(x, transpose=False)
+
+    def rmatmul(self, x: Tensor) -> Tensor:
+        return self._apply(x, transpose=True)
+
+    def compose(self, other: Structure) -> Kronecker:
+        """``(K₁ ⊗ K₂)(L₁ ⊗ L₂) = (K₁L₁) ⊗ (K₂L₂)``.
+
+        Raises:
+            ValueError: other structure/kind/dtype, or sums (a product of Kronecker sums is not a
+                Kronecker sum; coordinates enter the group through :meth:`retract`).
+        """
+        self._check_same(other)
+        if self.kind == "sum":
+            raise ValueError(
+                "Kronecker.compose: (M₁ ⊗ I + I ⊗ M₂)(N₁ ⊗ I + I ⊗ N₂) is not a Kronecker sum; "
+                "compose group elements (kind 'product'), and map coordinates into the group "
+                "with K.retract(M) (factor-wise)"
+            )
+        return self._pair(*(f.compose(g) for f, g in zip(self.factors, other.factors)))
+
+    def retract(self, M: Structure, retraction: str = "quadratic") -> Kronecker:
+        """``(K₁ h(M₁)) ⊗ (K₂ h(M₂))`` for ``M = M₁ ⊗ I + I ⊗ M₂`` (exact for ``"expm"``)."""
+        self._require("product", "retract")
+        want = self.spec()
+        want["options"]["kind"] = "sum"
+        if not isinstance(M, Kronecker) or M.spec() != want:
+            got = M.spec() if isinstance(M, Structure) else type(M).__name__
+            raise ValueError(f"M must be a sum-kind coordinate element with spec {want}, got {got}")
+        return self._pair(*(f.retract(m, retraction) for f, m in zip(self.factors, M.factors)))
+
+    def project_outer(self, U: Tensor, V: Tensor | None = None) -> Kronecker:
+        """``Π̂(sym(U Vᵀ))`` from the factors' ``project_outer`` on unfoldings of ``U``, ``V``:
+        ``tr₂(U Vᵀ) = U₍₁₎ V₍₁₎ᵀ`` with ``U₍₁₎ = U.reshape(d₁, d₂ n)``, and likewise for ``tr₁``."""
+        self._check_vec(U, "U")
+        if V is not None:
+            self._check_vec(V, "V")
+        d1, d2 = self.dims
+        parts = []
+        for axis, (f, rest) in enumerate(zip(self.factors, (d2, d1))):
+            Ua = _unfold(U, self.dims, axis)
+            Va = None if V is None else _unfold(V, self.dims, axis)
+            parts.append(f.project_outer(Ua, Va).scale(1.0 / rest))
+        return self._pair(*parts, "sum")
+
+    def inner_project_self(self) -> Kronecker:
+        """``Π̂((K₁ᵀK₁) ⊗ (K₂ᵀK₂)) = Π̂₁(K₁ᵀK₁)·tr̄(K₂ᵀK₂) ⊗ I + I ⊗ Π̂₂(K₂ᵀK₂)·tr̄(K₁ᵀK₁)``,
+        since ``tr₂(A ⊗ B) = tr(B)·A``; ``tr(KᵢᵀKᵢ) = Σ diag(KᵢKᵢᵀ)``."""
+        self._require("product", "inner_project_self")
+        f1, f2 = self.factors
+        t1, t2 = (f.gram_diagonal().mean() for f in self.factors)
+        return self._pair(f1.inner_project_self().scale(t2), f2.inner_project_self().scale(t1),
+                          "sum")
+
+    # ------------------------------------------------------------------ reductions
+    def diagonal(self) -> Tensor:
+        a, b = (f.diagonal() for f in self.factors)
+        return torch.kron(a, b) if self.kind == "product" else (a[:, None] + b[None, :]).reshape(-1)
+
+    def gram_diagonal(self) -> Tensor:
+        """Product: ``diag(K₁K₁ᵀ) ⊗ diag(K₂K₂ᵀ)``.
+        Sum: ``diag(MMᵀ)[ij] = g₁ᵢ + g₂ⱼ + 2m₁ᵢᵢm₂ⱼⱼ``, ``gₖ = diag(MₖMₖᵀ)``."""
+        g1, g2 = (f.gram_diagonal() for f in self.factors)
+        if self.kind == "product":
+            return torch.kron(g1, g2)
+        a, b = (f.diagonal() for f in self.factors)
+        return (g1[:, None] + g2[None, :] + 2 * a[:, None] * b[None, :]).reshape(-1)
+
+    def inf_norm(self) -> Tensor:
+        """Product: ``‖K₁‖∞‖K₂‖∞`` (exact). Sum: ``max_ij r₁ᵢ + r₂ⱼ + |m₁ᵢᵢ + m₂ⱼⱼ|`` (exact),
+        ``r`` the off-diagonal absolute row sums; O(d) entries."""
+        if self.kind == "product":
+            return self.factors[0].inf_norm() * self.factors[1].inf_norm()
+        a, b = (f.diagonal() for f in self.factors)
+        r1, r2 = (_abs_row_sums(f) - f.diagonal().abs() for f in self.factors)
+        return (r1[:, None] + r2[None, :] + (a[:, None] + b[None, :]).abs()).max()
+
+    def logabsdet(self) -> Tensor:
+        """``log|det(K₁ ⊗ K₂)| = d₂ log|det K₁| + d₁ log|det K₂|`` (product kind)."""
+        self._require("product", "logabsdet")
+        d1, d2 = self.dims
+        return d2 * self.factors[0].logabsdet() + d1 * self.factors[1].logabsdet()
