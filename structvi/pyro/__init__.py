@@ -1,0 +1,21 @@
+"""Pyro integration: a structured Gaussian autoguide and a natural-gradient SVI driver.
+
+``AutoStructuredNormal`` is an :class:`~pyro.infer.autoguide.AutoContinuous` whose posterior is a
+:class:`~structvi.gaussian.StructuredGaussian`; ``NaturalGradientSVI`` trains it with the
+structvi engine (MATH (2.6)) the way ``pyro.infer.SVI`` trains a guide with a Pyro optimizer.
+Per-site structures are composed block-diagonally by :class:`BlockSites` (``"block_sites"``,
+opt-in to the global registry with :func:`register_block_sites`).
+"""
+
+from structvi.pyro.block_sites import BlockSites, register_block_sites
+from structvi.pyro.guides import AutoStructuredNormal, PyroStructuredGaussian
+from structvi.pyro.svi import NaturalGradientSVI, latent_log_joint
+
+__all__ = [
+    "AutoStructuredNormal",
+    "BlockSites",
+    "NaturalGradientSVI",
+    "PyroStructuredGaussian",
+    "latent_log_joint",
+    "register_block_sites",
+]

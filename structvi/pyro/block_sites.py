@@ -1,0 +1,258 @@
+r"""``block_sites``: structures of different kinds composed block-diagonally.
+
+.. math:: K = \begin{pmatrix} K_1 & & \\ & \ddots & \\ & & K_m \end{pmatrix}, \qquad
+          \Sigma = \operatorname{blockdiag}(K_1 K_1^\top, \dots, K_m K_m^\top)
+
+Each block ``K_i`` is any registered structure (e.g. ``kronecker`` for a weight matrix,
+``diagonal`` for a bias), so the Pyro guide can give every latent site its own structure.
+Coordinates are block-diagonal with each block in its own coordinate space, and every operation
+(products, ``Π̂``, the retraction, norms, determinants) is done block by block by the block's own
+structure — a block's semantics (e.g. Kronecker's factor-wise retraction) are kept exactly.
+
+Options: ``blocks``, a list of block specs ``{"name", "dim", "options"}`` (``Structure.spec()``)
+whose dims add up to ``dim``. Tensors are stored under ``"{i}:{key}"`` for block ``i``.
+
+**Registry.** ``block_sites`` is not in the global registry by default (the optimizer and the
+registry's own tests enumerate it; it is a VI-only composition, like ``kronecker``):
+:func:`from_spec` rebuilds it from a spec, :func:`registered` makes ``structure_from_spec``
+know it inside a ``with`` block (``NaturalGradientSVI`` wraps its calls into
+:class:`structvi.fit.Fitter`, which rebuilds factors from specs, in it), and
+:func:`register_block_sites` registers it for good, e.g. for ``make_structure("block_sites", d, blocks=[...])``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from structvi.structures import STRUCTURES, Structure, get_structure_class, structure_from_spec
+
+__all__ = ["BlockSites", "block_spec", "from_spec", "register_block_sites", "registered"]
+
+
+def block_spec(name: str, dim: int, **options: Any) -> dict[str, Any]:
+    """A normalized block spec ``{"name", "dim", "options"}`` (validated by the block's class)."""
+    cls = get_structure_class(name)
+    return {"name": name, "dim": int(dim), "options": cls.check_options(dim, **options)}
+
+
+def _normalize_blocks(dim: int, blocks: Any) -> list[dict[str, Any]]:
+    if isinstance(blocks, (str, bytes)) or not isinstance(blocks, Sequence) or not blocks:
+        raise ValueError(
+            f"block_sites: blocks must be a non-empty list of block specs "
+            f"{{'name', 'dim', 'options'}}, got blocks={blocks!r}"
+        )
+    out = []
+    for i, b in enumerate(blocks):
+        if not isinstance(b, Mapping) or "name" not in b or "dim" not in b:
+            raise ValueError(
+                f"block_sites: blocks[{i}] must be a mapping with keys 'name', 'dim' and "
+                f"optionally 'options', got {b!r}"
+            )
+        out.append(block_spec(b["name"], b["dim"], **dict(b.get("options") or {})))
+    total = sum(b["dim"] for b in out)
+    if total != dim:
+        raise ValueError(
+            f"block_sites: the block dims {[b['dim'] for b in out]} add up to {total}, "
+            f"expected dim={dim}"
+        )
+    return out
+
+
+class BlockSites(Structure):
+    """Block-diagonal composition of arbitrary structures (module docstring)."""
+
+    name = "block_sites"
+
+    def __init__(self, dim: int, tensors: Mapping[str, Tensor], **options: Any) -> None:
+        super().__init__(dim, tensors, **options)
+        self.blocks: list[Structure] = []
+        for i, spec in enumerate(self.options["blocks"]):
+            cls = get_structure_class(spec["name"])
+            own = {k: self._t[f"{i}:{k}"] for k in cls.shapes(spec["dim"], **spec["options"])}
+            self.blocks.append(cls(spec["dim"], own, **spec["options"]))
+        self.sizes = [b.dim for b in self.blocks]
+
+    # ------------------------------------------------------------------ spec and storage
+    @classmethod
+    def check_options(cls, dim: int, **options: Any) -> dict[str, Any]:
+        unknown = set(options) - {"blocks"}
+        if unknown or "blocks" not in options:
+            raise TypeError(f"block_sites takes exactly the option 'blocks', got {sorted(options)}")
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim must be an integer >= 1, got dim={dim!r}")
+        return {"blocks": _normalize_blocks(dim, options["blocks"])}
+
+    @classmethod
+    def _block_items(cls, blocks: list[dict[str, Any]]):
+        for i, spec in enumerate(blocks):
+            yield i, get_structure_class(spec["name"]), spec
+
+    @classmethod
+    def shapes(cls, dim: int, **options: Any) -> dict[str, tuple[int, ...]]:
+        out: dict[str, tuple[int, ...]] = {}
+        for i, sub, spec in cls._block_items(options["blocks"]):
+            for k, shape in sub.shapes(spec["dim"], **spec["options"]).items():
+                out[f"{i}:{k}"] = tuple(shape)
+        return out
+
+    @classmethod
+    def identity_tensors(cls, dim, *, dtype, device, **options) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        for i, sub, spec in cls._block_items(options["blocks"]):
+            own = sub.identity_tensors(spec["dim"], dtype=dtype, device=device, **spec["options"])
+            out.update({f"{i}:{k}": t for k, t in own.items()})
+        return out
+
+    @classmethod
+    def from_blocks(cls, blocks: Sequence[Structure]) -> BlockSites:
+        """The block-diagonal structure with the given blocks (shared dtype and device)."""
+        if not blocks or not all(isinstance(b, Structure) for b in blocks):
+            raise ValueError(f"blocks must be a non-empty list of Structures, got {blocks!r}")
+        tensors = {f"{i}:{k}": t for i, b in enumerate(blocks) for k, t in b.tensors().items()}
+        specs = [b.spec() for b in blocks]
+        return cls(sum(b.dim for b in blocks), tensors, blocks=specs)
+
+    def _map(self, fn, *others: BlockSites) -> BlockSites:
+        """A new ``BlockSites`` whose block ``i`` is ``fn(self.blocks[i], others[..][i])``."""
+        parts = [fn(b, *(o.blocks[i] for o in others)) for i, b in enumerate(self.blocks)]
+        return BlockSites.from_blocks(parts)
+
+    def _split(self, x: Tensor) -> tuple[Tensor, ...]:
+        return torch.split(x, self.sizes, dim=0)
+
+    # ------------------------------------------------------------------ linear-space ops
+    def add(self, other: Structure, alpha: float = 1.0) -> BlockSites:
+        self._check_same(other)
+        return self._map(lambda b, o: b.add(o, alpha), other)
+
+    def scale(self, c: float | Tensor) -> BlockSites:
+        return self._map(lambda b: b.scale(c))
+
+    def max_abs(self) -> Tensor:
+        return torch.stack([b.max_abs() for b in self.blocks]).max()
+
+    def zeros_like(self) -> BlockSites:
+        return self._map(lambda b: b.zeros_like())
+
+    def identity_like(self) -> BlockSites:
+        return self._map(lambda b: b.identity_like())
+
+    def coord_identity(self) -> BlockSites:
+        return self._map(lambda b: b.coord_identity())
+
+    def to(self, dtype: torch.dtype | None = None, device=None) -> BlockSites:
+        return self._map(lambda b: b.to(dtype, device))
+
+    # ------------------------------------------------------------------ dense forms
+    def to_dense(self) -> Tensor:
+        return torch.block_diag(*(b.to_dense() for b in self.blocks))
+
+    def _diag_blocks(self, A: Tensor) -> list[Tensor]:
+        out, start = [], 0
+        for n in self.sizes:
+            out.append(A[start:start + n, start:start + n])
+            start += n
+        return out
+
+    def from_dense(self, A: Tensor) -> BlockSites:
+        parts = self._diag_blocks(A)
+        return BlockSites.from_blocks([b.from_dense(a) for b, a in zip(self.blocks, parts)])
+
+    def project(self, Y: Tensor) -> BlockSites:
+        parts = self._diag_blocks(Y)
+        return BlockSites.from_blocks([b.project(y) for b, y in zip(self.blocks, parts)])
+
+    # ------------------------------------------------------------------ structured ops
+    def matmul(self, x: Tensor) -> Tensor:
+        self._check_vec(x)
+        return torch.cat([b.matmul(xi) for b, xi in zip(self.blocks, self._split(x))])
+
+    def rmatmul(self, x: Tensor) -> Tensor:
+        self._check_vec(x)
+        return torch.cat([b.rmatmul(xi) for b, xi in zip(self.blocks, self._split(x))])
+
+    def solve(self, r: Tensor) -> Tensor:
+        """``K^{-1} r`` block by block (log-densities and diagnostics; never in an update)."""
+        from structvi.gaussian import whiten
+
+        self._check_vec(r, "r")
+        r2 = r.reshape(self.dim, -1)
+        out = torch.cat([whiten(b, ri).to(r.dtype) for b, ri in zip(self.blocks, self._split(r2))])
+        return out.reshape(r.shape)
+
+    def compose(self, other: Structure) -> BlockSites:
+        self._check_same(other)
+        return self._map(lambda b, o: b.compose(o), other)
+
+    def project_outer(self, U: Tensor, V: Tensor | None = None) -> BlockSites:
+        V = U if V is None else V
+        self._check_vec(U, "U")
+        self._check_vec(V, "V")
+        pairs = zip(self.blocks, self._split(U), self._split(V))
+        return BlockSites.from_blocks([b.project_outer(u, v) for b, u, v in pairs])
+
+    def inner_project(self, X: Tensor) -> BlockSites:
+        self._check_vec(X, "X")
+        pairs = zip(self.blocks, self._split(X))
+        return BlockSites.from_blocks([b.inner_project(x) for b, x in pairs])
+
+    def inner_project_self(self) -> BlockSites:
+        return self._map(lambda b: b.inner_project_self())
+
+    def diagonal(self) -> Tensor:
+        return torch.cat([b.diagonal() for b in self.blocks])
+
+    def gram_diagonal(self) -> Tensor:
+        return torch.cat([b.gram_diagonal() for b in self.blocks])
+
+    def inf_norm(self) -> Tensor:
+        return torch.stack([b.inf_norm() for b in self.blocks]).max()
+
+    def logabsdet(self) -> Tensor:
+        return torch.stack([b.logabsdet() for b in self.blocks]).sum()
+
+    def retract(self, M: Structure, retraction: str = "quadratic") -> BlockSites:
+        if not isinstance(M, BlockSites) or M.sizes != self.sizes:
+            got = M.spec() if isinstance(M, Structure) else type(M).__name__
+            raise ValueError(f"M must be a block_sites coordinate element with block sizes "
+                             f"{self.sizes}, got {got}")
+        return self._map(lambda b, m: b.retract(m, retraction), M)
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{b.name}({b.dim})" for b in self.blocks)
+        return f"BlockSites(dim={self.dim}, blocks=[{inner}], dtype={self.dtype})"
+
+
+def from_spec(tensors: Mapping[str, Tensor], spec: Mapping[str, Any]) -> Structure:
+    """``structure_from_spec`` that also knows ``block_sites`` (registered or not)."""
+    if spec.get("name") == BlockSites.name:
+        return BlockSites.from_tensors(tensors, spec)
+    return structure_from_spec(tensors, spec)
+
+
+def register_block_sites() -> None:
+    """Add ``block_sites`` to the global structure registry (idempotent).
+
+    Raises:
+        ValueError: another class is registered under the name ``"block_sites"``.
+    """
+    other = STRUCTURES.setdefault(BlockSites.name, BlockSites)
+    if other is not BlockSites:
+        raise ValueError(f"a different structure is registered as {BlockSites.name!r}: {other}")
+
+
+@contextlib.contextmanager
+def registered() -> Iterator[None]:
+    """Inside the block, the registry knows ``block_sites`` (removed again if it was added)."""
+    added = BlockSites.name not in STRUCTURES
+    register_block_sites()
+    try:
+        yield
+    finally:
+        if added:
+            STRUCTURES.pop(BlockSites.name, None)

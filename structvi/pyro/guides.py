@@ -1,0 +1,243 @@
+r"""``AutoStructuredNormal``: a Pyro autoguide whose posterior is a :class:`StructuredGaussian`.
+
+Like Pyro's :class:`~pyro.infer.autoguide.AutoMultivariateNormal`, the guide packs every latent
+site into one unconstrained vector ``u`` (constrained sites through
+:func:`torch.distributions.biject_to`) and places ``q(u) = N(μ, K Kᵀ)`` on it, ``K`` a structured
+covariance factor (DESIGN.md decision 1). ``median``, ``quantiles``, ``sample_latent``, ``forward``
+and :class:`pyro.infer.Predictive` are inherited from :class:`~pyro.infer.autoguide.AutoContinuous`.
+
+``structure`` is either one structure name for the whole vector, with its ``**options``::
+
+    AutoStructuredNormal(model, structure="low_rank_diagonal", rank=4)
+
+or a mapping from site name to a structure spec (a name, ``(name, {options})`` or
+``{"name": ..., **options}``), composed block-diagonally across sites
+(:class:`~structvi.pyro.block_sites.BlockSites`); sites left out get ``"diagonal"``::
+
+    AutoStructuredNormal(model, structure={"fc1.weight": "kronecker", "fc1.bias": "diagonal"})
+
+A ``"kronecker"`` spec without ``dims`` takes them from the site's shape (``(prod(shape[:-1]),
+shape[-1])``, the row-major flattening Pyro uses). The guide is trained by
+:class:`~structvi.pyro.NaturalGradientSVI`; its ``loc`` and factor tensors are ordinary
+``nn.Parameter``\ s, so ``pyro.infer.SVI`` with a Pyro optimizer also works.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from pyro.distributions.torch_distribution import TorchDistributionMixin
+from pyro.infer.autoguide import AutoContinuous
+from pyro.infer.autoguide.initialization import init_to_median
+from torch import Tensor, nn
+from torch.distributions import biject_to
+
+from structvi.gaussian import StructuredGaussian
+from structvi.pyro.block_sites import BlockSites, block_spec, from_spec
+from structvi.structures import Structure, make_structure
+
+__all__ = ["DEFAULT_SITE_STRUCTURE", "AutoStructuredNormal", "PyroStructuredGaussian"]
+
+DEFAULT_SITE_STRUCTURE = "diagonal"
+"""Structure of a site that a per-site ``structure`` mapping leaves out."""
+
+StructureArg = str | Mapping[str, Any]
+
+
+class PyroStructuredGaussian(StructuredGaussian, TorchDistributionMixin):
+    """:class:`~structvi.gaussian.StructuredGaussian` usable as a Pyro distribution
+    (``pyro.sample``, plates, ``Predictive(parallel=True)``)."""
+
+
+def _parse_site_spec(site: str, spec: Any) -> tuple[str, dict[str, Any]]:
+    """``name``, ``(name, {options})`` or ``{"name": ..., **options}`` → ``(name, options)``."""
+    if isinstance(spec, str):
+        return spec, {}
+    if isinstance(spec, Mapping) and "name" in spec:
+        opts = dict(spec.get("options", {})) if set(spec) <= {"name", "options"} else {
+            k: v for k, v in spec.items() if k != "name"}
+        return spec["name"], opts
+    if isinstance(spec, Sequence) and len(spec) == 2 and isinstance(spec[1], Mapping):
+        return spec[0], dict(spec[1])
+    raise ValueError(
+        f"structure[{site!r}] must be a structure name, (name, {{options}}) or "
+        f"{{'name': ..., **options}}, got {spec!r}"
+    )
+
+
+def _with_kronecker_dims(name: str, options: dict[str, Any], shape: torch.Size,
+                         site: str) -> dict[str, Any]:
+    """Fill ``dims`` of a Kronecker spec from a matrix-shaped site (row-major flattening)."""
+    if name != "kronecker" or "dims" in options:
+        return options
+    if len(shape) < 2:
+        raise ValueError(
+            f"structure 'kronecker' for site {site!r} needs a matrix-shaped site (at least 2 "
+            f"dims) or explicit dims=(d1, d2), got unconstrained shape {tuple(shape)}"
+        )
+    return {**options, "dims": (math.prod(shape[:-1]), shape[-1])}
+
+
+class AutoStructuredNormal(AutoContinuous):
+    """Structured Gaussian autoguide over the unconstrained latent vector (module docstring).
+
+    Args:
+        model: a Pyro model.
+        structure: one structure name for the whole latent vector, or a mapping from site name
+            to a structure spec (block-diagonal across sites; omitted sites are ``"diagonal"``).
+        init_loc_fn: per-site initialization of the mean (Pyro's ``init_to_*`` functions).
+        init_scale: initial standard deviation of every unconstrained coordinate
+            (``K = init_scale · I``).
+        **options: options of a single named structure, e.g. ``rank=4`` or ``block_size=8``.
+
+    Raises:
+        ValueError: non-positive ``init_scale``, a bad ``structure`` argument, options given
+            together with a per-site mapping, or (at setup) a mapping naming unknown sites.
+    """
+
+    def __init__(
+        self,
+        model: Callable[..., Any],
+        structure: StructureArg = "dense",
+        init_loc_fn: Callable[[dict], Tensor] = init_to_median,
+        init_scale: float = 0.1,
+        **options: Any,
+    ) -> None:
+        if isinstance(init_scale, bool) or not isinstance(init_scale, (int, float)) or not (
+            math.isfinite(init_scale) and init_scale > 0
+        ):
+            raise ValueError(f"Expected init_scale > 0. but got init_scale={init_scale!r}")
+        if not isinstance(structure, (str, Mapping)):
+            raise ValueError(
+                f"structure must be a structure name or a mapping from site name to structure "
+                f"spec, got structure={structure!r}"
+            )
+        if isinstance(structure, Mapping) and options:
+            raise ValueError(
+                f"structure options {sorted(options)} apply to a single named structure; with a "
+                f"per-site mapping put them in each site's spec, e.g. ('low_rank_diagonal', "
+                f"{{'rank': 2}})"
+            )
+        self._init_scale = float(init_scale)
+        self._structure = structure
+        self._options = dict(options)
+        self._factor_spec: dict[str, Any] | None = None
+        self._factor_attrs: dict[str, str] = {}
+        super().__init__(model, init_loc_fn=init_loc_fn)
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, *args: Any, **kwargs: Any) -> None:
+        """Run the model once (if not done yet) to find the latent sites and create the
+        variational parameters; the same ``*args, **kwargs`` as the model."""
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+
+    def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
+        super()._setup_prototype(*args, **kwargs)
+        loc = self._init_loc()
+        factor = self._make_factor(loc.dtype, loc.device).scale(self._init_scale)
+        self.loc = nn.Parameter(loc)
+        self._factor_spec = factor.spec()
+        self._factor_attrs = {}
+        for key, tensor in factor.tensors().items():
+            attr = "factor_" + re.sub(r"\W", "_", key)
+            if attr in self._factor_attrs.values():
+                raise ValueError(
+                    f"factor tensor keys collide after sanitizing: {key!r} -> {attr!r}")
+            self._factor_attrs[key] = attr
+            setattr(self, attr, nn.Parameter(tensor.detach().clone()))
+
+    def site_sizes(self) -> dict[str, int]:
+        """Number of unconstrained coordinates of each latent site, in packing order."""
+        self._require_setup("site_sizes")
+        return {name: math.prod(self._unconstrained_shapes[name])
+                for name, _ in self.prototype_trace.iter_stochastic_nodes()}
+
+    def _make_factor(self, dtype: torch.dtype, device: torch.device) -> Structure:
+        shapes = {name: self._unconstrained_shapes[name]
+                  for name, _ in self.prototype_trace.iter_stochastic_nodes()}
+        if isinstance(self._structure, str):
+            opts = self._options
+            if len(shapes) == 1:
+                ((site, shape),) = shapes.items()
+                opts = _with_kronecker_dims(self._structure, opts, shape, site)
+            return make_structure(self._structure, self.latent_dim, dtype=dtype, device=device,
+                                  **opts)
+        unknown = sorted(set(self._structure) - set(shapes))
+        if unknown:
+            raise ValueError(
+                f"structure names site(s) {unknown} that are not latent sites of the model; the "
+                f"latent sites are {sorted(shapes)}"
+            )
+        blocks = []
+        for site, shape in shapes.items():
+            name, opts = _parse_site_spec(site, self._structure.get(site, DEFAULT_SITE_STRUCTURE))
+            opts = _with_kronecker_dims(name, opts, shape, site)
+            blocks.append(block_spec(name, math.prod(shape), **opts))
+        return BlockSites.identity(self.latent_dim, dtype=dtype, device=device, blocks=blocks)
+
+    def _require_setup(self, what: str) -> None:
+        if self.prototype_trace is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.{what} needs the guide to be set up: call the guide, "
+                f"guide.setup(*model_args), or a NaturalGradientSVI step first"
+            )
+
+    # ------------------------------------------------------------------ state
+    @property
+    def factor(self) -> Structure:
+        """The covariance factor ``K`` (``Σ = K Kᵀ``), built from the current parameters."""
+        self._require_setup("factor")
+        tensors = {key: getattr(self, attr) for key, attr in self._factor_attrs.items()}
+        return from_spec(tensors, self._factor_spec)
+
+    def factor_spec(self) -> dict[str, Any]:
+        """JSON-able spec of the factor's structure (``Structure.spec()``)."""
+        self._require_setup("factor_spec")
+        return dict(self._factor_spec)
+
+    @torch.no_grad()
+    def set_state(self, loc: Tensor, factor: Structure) -> None:
+        """Overwrite ``loc`` and the factor in place (the parameters keep their identity).
+
+        Raises:
+            ValueError: ``loc`` of another shape or ``factor`` of another structure.
+        """
+        self._require_setup("set_state")
+        if not isinstance(loc, Tensor) or loc.shape != self.loc.shape:
+            shape = tuple(loc.shape) if isinstance(loc, Tensor) else type(loc).__name__
+            raise ValueError(f"loc must have shape {tuple(self.loc.shape)}, got {shape}")
+        if not isinstance(factor, Structure) or factor.spec() != self._factor_spec:
+            got = factor.spec() if isinstance(factor, Structure) else type(factor).__name__
+            raise ValueError(f"factor must have spec {self._factor_spec}, got {got}")
+        self.loc.copy_(loc)
+        tensors = factor.tensors()
+        for key, attr in self._factor_attrs.items():
+            getattr(self, attr).copy_(tensors[key])
+
+    # ------------------------------------------------------------------ AutoContinuous hooks
+    def get_posterior(self, *args: Any, **kwargs: Any) -> PyroStructuredGaussian:
+        """The posterior over the unconstrained latent vector, ``N(loc, K Kᵀ)``."""
+        return PyroStructuredGaussian(self.loc, self.factor)
+
+    def _loc_scale(self, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        return self.loc, self.factor.gram_diagonal().sqrt()
+
+    def constrain(self, latent: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Unpack an unconstrained latent of shape ``batch + (d,)`` into site values.
+
+        Returns:
+            ``(values, log_abs_det_jacobians)``: per site, the constrained value and
+            ``log|det ∂T/∂u|`` elementwise (shape ``batch`` + the site's remaining dims).
+        """
+        values, ladj = {}, {}
+        for site, u in self._unpack_latent(latent):
+            transform = biject_to(site["fn"].support)
+            value = transform(u)
+            values[site["name"]] = value
+            ladj[site["name"]] = transform.log_abs_det_jacobian(u, value)
+        return values, ladj
