@@ -1,0 +1,178 @@
+"""GPU step time and peak memory of StructuredNGD vs AdamW (bf16 autocast, synthetic data).
+
+Synthetic CIFAR-shaped batches (3×32×32, 100 classes) train a VGG-style CNN (BatchNorm
+parameters follow StructuredNGD's diagonal rule) and a small ViT (patch 4, width 192, depth 6,
+attention written with ``nn.Linear`` so every projection is preconditioned). For each optimizer:
+mean step time (CUDA events, after warm-up; ``T = 10`` so preconditioner updates are included),
+peak allocated memory over the measured steps, optimizer-state bytes. SINGD rows appear when
+``singd`` is installed. CUDA only: on a machine without CUDA it exits with a message
+(``--cpu-smoke`` runs two steps of each configuration at tiny sizes, to check the script).
+
+Run: ``python -m benchmarks.optim_gpu [--steps 50] [--batch 128]`` →
+``benchmarks/results/optim_gpu.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from benchmarks.optim_digits import hierarchical_groups, state_bytes
+from structvi.optim import StructuredNGD
+
+NGD = dict(T=10, lr_cov=0.05, damping=1e-3, alpha1=0.5, momentum=0.9, lr=1e-3)
+
+
+def vgg(width: int = 64, classes: int = 100) -> nn.Module:
+    """VGG-11-style: conv-BN-ReLU blocks with max-pooling, then a linear classifier."""
+    cfg = [width, "M", 2 * width, "M", 4 * width, 4 * width, "M", 8 * width, 8 * width, "M",
+           8 * width, 8 * width, "M"]
+    layers, channels = [], 3
+    for item in cfg:
+        if item == "M":
+            layers.append(nn.MaxPool2d(2))
+        else:
+            layers += [nn.Conv2d(channels, item, 3, padding=1), nn.BatchNorm2d(item),
+                       nn.ReLU(inplace=True)]
+            channels = item
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(channels, classes))
+
+
+class _Block(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, D = x.shape
+        q, k, v = self.qkv(self.norm1(x)).reshape(B, N, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        att = nn.functional.scaled_dot_product_attention(q, k, v)
+        x = x + self.proj(att.transpose(1, 2).reshape(B, N, D))
+        return x + self.mlp(self.norm2(x))
+
+
+class ViT(nn.Module):
+    """A small ViT: 4×4 patches, learned positions, mean-pooled tokens."""
+
+    def __init__(self, dim: int = 192, depth: int = 6, heads: int = 3, classes: int = 100,
+                 image: int = 32, patch: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, patch, stride=patch)
+        self.pos = nn.Parameter(torch.zeros(1, (image // patch) ** 2, dim))
+        self.blocks = nn.Sequential(*[_Block(dim, heads) for _ in range(depth)])
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x).flatten(2).transpose(1, 2) + self.pos
+        return self.head(self.norm(self.blocks(x)).mean(1))
+
+
+def optimizers() -> dict:
+    table = {
+        "AdamW": lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3),
+        "SGD-momentum": lambda m: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9),
+        "NGD-dense": lambda m: StructuredNGD(m, structures="dense", **NGD),
+        "NGD-hierarchical": lambda m: StructuredNGD(m, hierarchical_groups(m, 15), **NGD),
+        "NGD-diagonal": lambda m: StructuredNGD(m, structures="diagonal", **NGD),
+        "NGD-diagonal-fp32-factors": lambda m: StructuredNGD(
+            m, structures="diagonal", preconditioner_dtype=(torch.float32, torch.float32), **NGD),
+    }
+    try:
+        from singd.optim.optimizer import SINGD
+    except ImportError:
+        return table
+    for s in ("dense", "diagonal"):
+        table[f"SINGD-{s}"] = lambda m, s=s: SINGD(m, structures=(s, s), warn_unsupported=False,
+                                                    **NGD)
+    return table
+
+
+def measure(make_model, make_opt, batch: int, steps: int, device: str, size: int) -> dict:
+    torch.manual_seed(0)
+    model = make_model().to(device)
+    opt = make_opt(model)
+    X = torch.randn(batch, 3, size, size, device=device)
+    y = torch.randint(0, 100, (batch,), device=device)
+
+    def step() -> torch.Tensor:
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device, dtype=torch.bfloat16):
+            loss = nn.functional.cross_entropy(model(X), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    for _ in range(min(10, steps)):
+        step()
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+    for _ in range(steps):
+        loss = step()
+    seconds = None
+    if cuda:
+        end.record()
+        torch.cuda.synchronize()
+        seconds = start.elapsed_time(end) / 1e3 / steps
+    return dict(step_s=seconds, peak_bytes=torch.cuda.max_memory_allocated() if cuda else None,
+                state_bytes=state_bytes(opt), finite=bool(torch.isfinite(loss)))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--cpu-smoke", action="store_true", help="tiny CPU run (checks only)")
+    parser.add_argument("--out", default="benchmarks/results/optim_gpu.json")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available() and not args.cpu_smoke:
+        print("benchmarks.optim_gpu needs CUDA (no GPU found); nothing was run.")
+        sys.exit(0)
+    device = "cuda" if not args.cpu_smoke else "cpu"
+    steps, batch, size = (2, 4, 32) if args.cpu_smoke else (args.steps, args.batch, 32)
+    models = {"VGG-11 (BN)": (lambda: vgg(16)) if args.cpu_smoke else vgg,
+              "ViT-tiny/4": (lambda: ViT(dim=48, depth=2)) if args.cpu_smoke else ViT}
+    results: dict = {}
+    for model_name, make_model in models.items():
+        results[model_name] = {}
+        for name, make_opt in optimizers().items():
+            r = measure(make_model, make_opt, batch, steps, device, size)
+            results[model_name][name] = r
+            print(model_name, name, r, flush=True)
+        adamw = results[model_name]["AdamW"]
+        for r in results[model_name].values():
+            if device == "cuda":
+                r["step_over_adamw"] = r["step_s"] / adamw["step_s"]
+                r["peak_over_adamw"] = r["peak_bytes"] / adamw["peak_bytes"]
+    result = dict(config=dict(steps=steps, batch=batch, device=device, ngd=NGD,
+                              gpu=torch.cuda.get_device_name() if device == "cuda" else None,
+                              torch=torch.__version__), results=results)
+    if device == "cuda":
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))
+        lines = ["| model | optimizer | ms/step | step / AdamW | peak GiB | peak / AdamW | "
+                 "state MiB |", "|---|---|---|---|---|---|---|"]
+        for model_name, rows in results.items():
+            for name, r in rows.items():
+                lines.append(f"| {model_name} | {name} | {r['step_s'] * 1e3:.1f} | "
+                             f"{r['step_over_adamw']:.2f} | {r['peak_bytes'] / 2**30:.2f} | "
+                             f"{r['peak_over_adamw']:.2f} | {r['state_bytes'] / 2**20:.1f} |")
+        out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+        print("\n".join(lines))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,257 @@
+r"""The per-layer maths of :class:`~structvi.optim.StructuredNGD`: pure functions.
+
+* :func:`update_preconditioner` — MATH (3.2): the natural gradient ``ν`` of the Kronecker factors
+  in local coordinates, then the shared engine step :func:`structvi.engine.factor_step`
+  (``m ← α₁ m + ν``; ``K ← K h(−β₁ m)``).
+* :func:`precondition` — ``Ĝ = C Cᵀ G K Kᵀ`` (matrix products only).
+* :func:`momentum_step` — MATH (3.3): weight decay after preconditioning, heavy-ball momentum.
+* :func:`diagonal_step` — the documented rule for every other trainable parameter.
+
+Communication points for data-parallel training are the two methods of :class:`Reducer`;
+:data:`LOCAL` does nothing (single process).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import NamedTuple, Protocol
+
+import torch
+from torch import Tensor
+
+from structvi.engine import factor_step
+from structvi.structures.base import Structure
+
+__all__ = [
+    "LOCAL",
+    "FactorState",
+    "autocast_off",
+    "LocalReducer",
+    "Reducer",
+    "dense_product",
+    "diagonal_step",
+    "gram_project",
+    "momentum_step",
+    "precondition",
+    "update_preconditioner",
+]
+
+
+class Reducer(Protocol):
+    """Where data-parallel training all-reduces (a later ``optim/distributed.py``)."""
+
+    def statistics(self, H_K: Structure, H_C: Structure, loss_average: str | None
+                   ) -> tuple[Structure, Structure]:
+        """All-reduce one layer's normalized statistics before the preconditioner update."""
+
+    def gradient(self, grad: Tensor, loss_average: str | None) -> Tensor:
+        """All-reduce a preconditioned layer gradient ``Ĝ`` or a diagonal-rule gradient."""
+
+
+class LocalReducer:
+    """Single process: statistics and gradients pass through unchanged."""
+
+    def statistics(self, H_K: Structure, H_C: Structure, loss_average: str | None
+                   ) -> tuple[Structure, Structure]:
+        """Return ``(H_K, H_C)`` unchanged."""
+        del loss_average
+        return H_K, H_C
+
+    def gradient(self, grad: Tensor, loss_average: str | None) -> Tensor:
+        """Return ``grad`` unchanged."""
+        del loss_average
+        return grad
+
+
+LOCAL = LocalReducer()
+
+
+class FactorState(NamedTuple):
+    """One layer's preconditioner.
+
+    ``K`` (input side) and ``C`` (output side) are the factors, ``m_K`` and ``m_C`` their
+    momenta (``None`` for IKFAC, which keeps none).
+    """
+
+    K: Structure
+    C: Structure
+    m_K: Structure | None
+    m_C: Structure | None
+
+
+def gram_project(K: Structure) -> Structure:
+    """``K̂ = Π̂(KᵀK)`` (singd's ``from_inner()``), specialized per structure when available."""
+    specialized = getattr(K, "inner_project_self", None)
+    if specialized is not None:
+        return specialized()
+    dense = K.to_dense()  # dense fallback until the structure provides inner_project_self
+    return K.project(dense.T @ dense)
+
+
+def _avg_trace(S: Structure) -> Tensor:
+    return S.trace() / S.dim
+
+
+def _directions(
+    state: FactorState, H_K: Structure, H_C: Structure, *, damping: float, unscale: float,
+    kfac_like: bool, half: float,
+) -> tuple[Structure, Structure]:
+    r"""``ν_K, ν_C`` of MATH (3.2) (``half`` is ½, or ½(1−α₁) with ``normalize_lr_cov``).
+
+    INGD:  :math:`\nu_K = \tfrac12[u\,\bar{tr}(H_C) H_K + \lambda\,\bar{tr}(\hat C)\hat K - I]`;
+    IKFAC: :math:`\nu_K = \tfrac12[H_K + \lambda \hat K - I]`, :math:`\nu_C = \tfrac12[u H_C +
+    \lambda \hat C - I]`, with :math:`\hat K = \hat\Pi(K^\top K)`.
+    """
+    K_hat, C_hat = gram_project(state.K), gram_project(state.C)
+    if kfac_like:
+        coef_K, coef_C, damp_K, damp_C = 1.0, unscale, damping, damping
+    else:
+        coef_K = _avg_trace(H_C).to(H_K.dtype) * unscale
+        coef_C = _avg_trace(H_K).to(H_C.dtype) * unscale
+        damp_K = _avg_trace(C_hat).to(K_hat.dtype) * damping
+        damp_C = _avg_trace(K_hat).to(C_hat.dtype) * damping
+    nu_K = H_K.scale(coef_K).add(K_hat.scale(damp_K)).add(K_hat.coord_identity(), alpha=-1.0)
+    nu_C = H_C.scale(coef_C).add(C_hat.scale(damp_C)).add(C_hat.coord_identity(), alpha=-1.0)
+    return nu_K.scale(half), nu_C.scale(half)
+
+
+def _factor_update(
+    factor: Structure, momentum: Structure | None, nu: Structure, *, lr: float, alpha: float,
+    normalize: bool, retraction: str, trust_region: float | None,
+) -> tuple[Structure, Structure | None]:
+    """Engine step of one factor.
+
+    ``normalize``: ``β = lr / max(1, max|α m + ν|)`` (MATH §3.3), then the engine's cap
+    ``β_eff = min(β, c/‖m‖_∞)`` when ``trust_region = c`` is set.
+    """
+    m = momentum if momentum is not None else nu.zeros_like()
+    beta: float | Tensor = lr
+    if normalize:
+        norm = m.scale(alpha).add(nu).max_abs()
+        beta = lr / norm.to(torch.promote_types(norm.dtype, torch.float32)).clamp(min=1.0)
+    new_factor, new_m = factor_step(
+        factor, m, nu, lr=beta, alpha=alpha, retraction=retraction, trust_region=trust_region
+    )
+    return new_factor, (new_m if momentum is not None else None)
+
+
+def update_preconditioner(
+    state: FactorState, H_K: Structure, H_C: Structure, *, lr_cov: float, alpha1: float,
+    damping: float, unscale: float = 1.0, kfac_like: bool = False,
+    normalize_lr_cov: bool = False, retraction: str = "quadratic",
+    trust_region: float | None = None,
+) -> FactorState:
+    """One preconditioner update, MATH (3.2), through :func:`structvi.engine.factor_step`.
+
+    Args:
+        state: the layer's factors and momenta.
+        H_K: ``Π̂_K(Kᵀ Ā K)`` (see :mod:`structvi.optim.kfac`).
+        H_C: ``Π̂_C(Cᵀ Ḡ C)``.
+        lr_cov: ``β₁``.
+        alpha1: ``α₁`` (ignored by IKFAC).
+        damping: ``λ``.
+        unscale: ``u`` multiplying the ``H_C`` terms (GradScaler bookkeeping, MATH §3.7).
+        kfac_like: IKFAC update (no trace coupling, no momenta).
+        normalize_lr_cov: ``½ → ½(1−α₁)`` and ``β₁ → β₁ / max(1, max|m|)``.
+        retraction: ``h`` of the factor step (``"first_order"`` is SINGD's ``K − β₁ K m``).
+        trust_region: ``c`` of the step cap ``min(β₁, c/‖m‖_∞)`` (MATH §2.6); ``None``: no cap.
+
+    Returns:
+        The new :class:`FactorState`.
+    """
+    alpha = 0.0 if kfac_like else alpha1
+    half = 0.5 * ((1.0 - alpha) if normalize_lr_cov else 1.0)
+    nu_K, nu_C = _directions(state, H_K, H_C, damping=damping, unscale=unscale,
+                             kfac_like=kfac_like, half=half)
+    opts = dict(lr=lr_cov, alpha=alpha, normalize=normalize_lr_cov, retraction=retraction,
+                trust_region=trust_region)
+    K, m_K = _factor_update(state.K, state.m_K, nu_K, **opts)
+    C, m_C = _factor_update(state.C, state.m_C, nu_C, **opts)
+    return FactorState(K, C, m_K, m_C)
+
+
+def precondition(G: Tensor, K: Structure, C: Structure, KKt: Tensor | None = None,
+                 CCt: Tensor | None = None) -> Tensor:
+    """``C Cᵀ G K Kᵀ`` for a gradient matrix ``G`` of shape ``(d_C, d_K)``.
+
+    Computed as ``(K (Kᵀ Gᵀ))ᵀ`` in ``K``'s dtype, then ``C (Cᵀ ·)`` in ``C``'s dtype (or with
+    the dense products ``KKt = K Kᵀ``, ``CCt = C Cᵀ`` when given); returned in ``G``'s dtype.
+    """
+    if KKt is not None:
+        right = _cast(G, KKt.dtype) @ KKt
+    else:
+        dtype = K.dtype
+        right = K.matmul(K.rmatmul(_cast(G.T, dtype))).T
+    if CCt is not None:
+        return _cast(CCt @ _cast(right, CCt.dtype), G.dtype)
+    return _cast(C.matmul(C.rmatmul(_cast(right, C.dtype))), G.dtype)
+
+
+def _cast(x: Tensor, dtype: torch.dtype) -> Tensor:
+    return x if x.dtype == dtype else x.to(dtype)
+
+
+def dense_product(S: Structure) -> Tensor | None:
+    """``S Sᵀ`` as a dense matrix when ``S`` already stores ``d²`` numbers, else ``None``.
+
+    Preconditioning with it costs one product per side instead of two, at no more memory than
+    the factor itself.
+    """
+    if sum(t.numel() for t in S.tensors().values()) < S.dim**2:
+        return None
+    dense = S.to_dense()
+    return dense @ dense.T
+
+
+def momentum_step(
+    param: Tensor, direction: Tensor, buffer: Tensor | None, *, lr: float, momentum: float,
+    weight_decay: float,
+) -> None:
+    """In place: ``d ← Ĝ + γ W``; ``m ← α₂ m + d``; ``W ← W − β₂ m`` (MATH (3.3)).
+
+    ``buffer`` (any float dtype) is ``None`` when ``momentum == 0``.
+    """
+    if weight_decay != 0.0:
+        direction = direction.add(param, alpha=weight_decay)
+    if buffer is not None:  # m ← d + α₂ m in one pass
+        torch.add(_cast(direction, buffer.dtype), buffer, alpha=momentum, out=buffer)
+        direction = buffer
+    param.add_(_cast(direction, param.dtype), alpha=-lr)
+
+
+def diagonal_step(
+    param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int, *, lr: float,
+    momentum: float, beta2: float, eps: float, weight_decay: float,
+) -> None:
+    r"""In place, the rule for parameters outside ``Linear``/``Conv2d`` (AdamW; ``step`` ≥ 1).
+
+    .. math::
+        m &\leftarrow \alpha_2 m + (1-\alpha_2) g, \qquad v \leftarrow \beta v + (1-\beta) g^2 \\
+        \theta &\leftarrow \theta(1 - \beta_2\gamma) - \beta_2\,
+        \frac{m / (1-\alpha_2^t)}{\sqrt{v / (1-\beta^t)} + \epsilon}
+
+    i.e. :class:`torch.optim.AdamW` with ``betas=(momentum, beta2)``: the diagonal empirical
+    Fisher ``v`` preconditions the momentum.
+    """
+    g = grad.to(exp_avg.dtype)
+    exp_avg.lerp_(g, 1.0 - momentum)
+    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+    bias1, bias2 = 1.0 - momentum**step, 1.0 - beta2**step
+    denom = (exp_avg_sq.sqrt() / bias2**0.5).add_(eps)
+    if weight_decay != 0.0:
+        param.mul_(1.0 - lr * weight_decay)
+    param.addcdiv_(exp_avg.to(param.dtype), denom.to(param.dtype), value=-lr / bias1)
+
+
+def schedule(value: float | Callable[[int], float], step: int) -> float:
+    """``value(step)`` for a schedule, else ``value`` (as a float)."""
+    return float(value(step) if callable(value) else value)
+
+
+def autocast_off(params: list[Tensor]) -> contextlib.ExitStack:
+    """Disable autocast on the devices of ``params`` (the update runs in the state dtypes)."""
+    stack = contextlib.ExitStack()
+    for device_type in sorted({p.device.type for p in params} | {"cpu"}):
+        stack.enter_context(torch.autocast(device_type, enabled=False))
+    return stack

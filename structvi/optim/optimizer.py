@@ -1,0 +1,439 @@
+r"""``StructuredNGD``: the INGD/SINGD optimizer over :mod:`structvi.structures` (MATH §3)."""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from structvi.optim import functional as F
+from structvi.optim import kfac
+from structvi.optim.config import check_group, factor_spec
+from structvi.optim.state import (
+    mark_callables,
+    read_structure,
+    restore_loaded_state,
+    set_counters,
+    stash_loaded_state,
+    store_product,
+    write_structure,
+)
+from structvi.structures.base import Structure
+from structvi.structures.registry import make_structure
+
+__all__ = ["StructuredNGD"]
+
+
+class StructuredNGD(Optimizer):
+    r"""Structured inverse-free natural-gradient descent (INGD/SINGD, Lin et al. 2023, 2024).
+
+    Every ``nn.Linear`` (any leading dimensions) and ``nn.Conv2d`` (stride, padding, dilation,
+    groups) layer whose weight is trained gets a Kronecker preconditioner
+    :math:`(KK^\top) \otimes (CC^\top)` with covariance-side factors :math:`K \in \mathcal{L}_K`
+    (input side, bias column included) and :math:`C \in \mathcal{L}_C` (output side) of any
+    structure in :mod:`structvi.structures`; only matrix products are used (no inverse or
+    decomposition). For each such layer, at step :math:`t` (MATH (3.2)–(3.3)):
+
+    .. math::
+        &\textbf{if } t \bmod T = 0: \\
+        &\quad H_K = \hat\Pi_K(K^\top \bar A K),\ H_C = \hat\Pi_C(C^\top \bar G C)
+            \quad\text{(Kronecker statistics of the backward passes since the last step)} \\
+        &\quad \hat K = \hat\Pi_K(K^\top K),\ \hat C = \hat\Pi_C(C^\top C) \\
+        &\quad \nu_K = \tfrac12\big[u\,\overline{\mathrm{tr}}(H_C) H_K
+            + \lambda\,\overline{\mathrm{tr}}(\hat C)\hat K - I\big],\quad
+          \nu_C = \tfrac12\big[u\,\overline{\mathrm{tr}}(H_K) H_C
+            + \lambda\,\overline{\mathrm{tr}}(\hat K)\hat C - I\big] \\
+        &\quad m_K \leftarrow \alpha_1 m_K + \nu_K,\quad K \leftarrow K\,h(-\beta_K m_K),
+          \qquad m_C \leftarrow \alpha_1 m_C + \nu_C,\quad C \leftarrow C\,h(-\beta_C m_C) \\
+        &\quad \beta_K = \min(\beta_1, c / \|m_K\|_\infty),\
+          \beta_C = \min(\beta_1, c / \|m_C\|_\infty) \quad\text{(trust region)} \\
+        &\hat G = C C^\top (\nabla_W \ell / s_t)\, K K^\top, \qquad
+          m_W \leftarrow \alpha_2 m_W + \hat G + \gamma W, \qquad W \leftarrow W - \beta_2 m_W
+
+    with :math:`\overline{\mathrm{tr}} = \mathrm{tr}/\dim`, :math:`h(M) = I + M + \tfrac12 M^2`
+    (``retraction="quadratic"``, invertible for every step), :math:`I + M` (``"first_order"``,
+    SINGD's :math:`K - \beta_1 K m_K`) or :math:`\exp(M)` (``"expm"``), :math:`\|\cdot\|_\infty`
+    the largest absolute row sum (``trust_region=None``: :math:`\beta_K = \beta_C = \beta_1`);
+    the factor update is
+    :func:`structvi.engine.factor_step`. ``kfac_like`` (IKFAC) uses
+    :math:`\nu_K = \tfrac12[H_K + \lambda\hat K - I]`, :math:`\nu_C = \tfrac12[u H_C + \lambda
+    \hat C - I]` and no :math:`m_K, m_C`. ``normalize_lr_cov`` replaces ½ by ½(1−α₁) and
+    :math:`\beta_1` by :math:`\beta_1/\max(1, \max_{ij}|m|)`. :math:`s_t` is the GradScaler
+    scale and :math:`u = s_{t-1}/s_t^2` (MATH §3.7).
+
+    Every other trainable parameter (norm layers, embeddings, unsupported layers, a bias whose
+    weight is not trained) follows a diagonal rule in the same optimizer — AdamW with
+    ``betas=(momentum, beta2)``, ``eps``, ``lr`` and decoupled ``weight_decay`` of its group
+    (:func:`structvi.optim.functional.diagonal_step`).
+
+    Statistics are collected by a forward hook per layer that puts a tensor hook on the layer's
+    output (so in-place activations work) on steps with :math:`t \bmod T = 0`; several
+    backward passes before one ``step()`` accumulate (gradient accumulation: scale each
+    micro-batch's averaged loss by micro/mini as usual; summed losses need no scaling).
+    A layer's state holds the tensors of ``K, C, m_K, m_C`` (keys ``"K.<name>"`` ...), its step
+    count and last gradient scale, and, for factors stored as ``d×d`` matrices (dense,
+    triangular), the products ``K Kᵀ``/``C Cᵀ`` (keys ``"KKt"``, ``"CCt"``), which halve the
+    cost of every step; ``state_dict()`` is tensors only (``torch.load(weights_only=True)``)
+    and ``load_state_dict`` keeps every tensor's saved dtype. Pending statistics (backward
+    done, ``step()`` not yet called) are not part of the state. The data-parallel
+    communication points are the methods of :attr:`reducer` (a
+    :class:`~structvi.optim.functional.Reducer`; single process: no-ops). Call :meth:`close`
+    to remove the hooks.
+
+    Args:
+        model: the network (not wrapped in ``DataParallel``/``DistributedDataParallel``).
+        params: parameters or param groups; ``None`` trains every parameter of ``model`` that
+            requires a gradient. A layer's weight and bias must be in the same group.
+        lr: ``β₂``, parameter step size.
+        momentum: ``α₂`` (parameter momentum; ``β₁`` of the diagonal rule's AdamW).
+        damping: ``λ``.
+        alpha1: ``α₁``, momentum of ``m_K, m_C``.
+        weight_decay: ``γ``, added after preconditioning.
+        T: preconditioner update period.
+        lr_cov: ``β₁``, a float or a callable of the step.
+        structures: ``(K, C)`` structures: names (``"dense"``, ``"diagonal"``, ...), dicts
+            ``{"name": "block_diagonal", "block_size": 16}``, or singd's names
+            (``"hierarchical15_15"``, ``"triltoeplitz"``, ``"block30diagonal"``); one entry
+            applies to both factors. ``"kronecker"`` is VI-only.
+        kfac_approx: ``"expand"`` or ``"reduce"`` for weight-sharing layers (MATH §3.4).
+        loss_average: ``"batch"``, ``"batch+sequence"`` (losses averaged over those terms) or
+            ``None`` (summed loss).
+        retraction: ``"quadratic"`` (default), ``"first_order"`` (SINGD; invertible only while
+            ``β₁‖m‖ < 1``) or ``"expm"``.
+        trust_region: ``c`` in the factor step cap ``β₁ → min(β₁, c/‖m‖_∞)`` (MATH §2.6): the
+            quadratic retraction grows a factor like ``(β₁m)²/2`` when ``β₁‖m‖ ≫ 1``; ``None``
+            disables it (``retraction="first_order", trust_region=None`` is SINGD exactly).
+        preconditioner_dtype: ``(dtype_K, dtype_C)`` for ``K, m_K`` and ``C, m_C``; ``None``
+            means the weight's dtype.
+        init_grad_scale: the GradScaler's initial scale (1 without a scaler).
+        normalize_lr_cov: normalized factor steps (see above).
+        kfac_like: IKFAC update (``alpha1`` is then ignored).
+        momentum_dtype: dtype of the parameter momenta (default: the parameter's dtype).
+        beta2: second-moment decay of the diagonal rule.
+        eps: denominator offset of the diagonal rule.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module`` or is wrapped in (D)DP.
+        ValueError: a hyper-parameter out of range, an unknown or VI-only structure, bad
+            structure options for a layer, or a weight and its bias in different groups.
+    """
+
+    _step_supports_amp_scaling = True  # GradScaler passes grad_scale/found_inf (torch name)
+
+    def __init__(
+        self, model: nn.Module, params: Iterable[Any] | None = None, lr: float = 1e-3,
+        momentum: float = 0.9, damping: float = 1e-3, alpha1: float = 0.5,
+        weight_decay: float = 0.0, T: int = 10, lr_cov: float | Callable[[int], float] = 1e-2,
+        structures: Any = ("dense", "dense"), kfac_approx: str = "expand",
+        loss_average: str | None = "batch", retraction: str = "quadratic",
+        trust_region: float | None = 1.0,
+        preconditioner_dtype: tuple[torch.dtype | None, torch.dtype | None] = (None, None),
+        init_grad_scale: float = 1.0, normalize_lr_cov: bool = False, kfac_like: bool = False,
+        momentum_dtype: torch.dtype | None = None, beta2: float = 0.999, eps: float = 1e-8,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            raise TypeError(f"model must not be wrapped in {type(model).__name__}; pass the "
+                            "underlying module")
+        defaults = dict(
+            lr=lr, momentum=momentum, damping=damping, alpha1=alpha1, weight_decay=weight_decay,
+            T=T, lr_cov=lr_cov, structures=structures, kfac_approx=kfac_approx,
+            loss_average=loss_average, retraction=retraction, trust_region=trust_region,
+            preconditioner_dtype=preconditioner_dtype, init_grad_scale=init_grad_scale,
+            normalize_lr_cov=normalize_lr_cov, kfac_like=kfac_like,
+            momentum_dtype=momentum_dtype, beta2=beta2, eps=eps,
+        )
+        self.reducer: F.Reducer = F.LOCAL
+        self._owners = kfac.supported_owners(model)
+        self._layers: dict[Tensor, kfac.Layer] = {}  # weight → layer
+        self._biases: dict[Tensor, kfac.Layer] = {}  # bias → layer
+        self._module_layer: dict[nn.Module, kfac.Layer] = {}
+        self._group_index: dict[Tensor, int] = {}
+        self._stats: dict[Tensor, kfac.KroneckerStatistics] = {}
+        self._factor_cache: dict[Tensor, F.FactorState] = {}
+        self._handles = [model.register_forward_pre_hook(kfac.WeakHook(self, "_count_forward"))]
+        self._forward_count = self._layer_calls = 0
+        self._warned: set[str] = set()
+        self._loading: dict[Tensor, dict[str, Any]] = {}
+        if params is None:
+            params = [p for p in model.parameters() if p.requires_grad]
+        try:
+            super().__init__(params, defaults)
+        except Exception:
+            self.close()  # leave the model as it was
+            raise
+        self.register_state_dict_post_hook(mark_callables)
+        self.register_load_state_dict_pre_hook(stash_loaded_state)
+        self.register_load_state_dict_post_hook(StructuredNGD._after_load)
+
+    # ------------------------------------------------------------------ groups and layers
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group (validated); its ``Linear``/``Conv2d`` weights get preconditioners."""
+        super().add_param_group(param_group)
+        index = len(self.param_groups) - 1
+        try:
+            check_group(self.param_groups[index], index)
+            for p in self.param_groups[index]["params"]:
+                self._group_index[p] = index
+            self._register_layers(index)
+        except Exception:
+            for p in self.param_groups.pop()["params"]:
+                self._group_index.pop(p, None)
+            raise
+
+    def _register_layers(self, index: int) -> None:
+        group = self.param_groups[index]
+        new = []
+        for p in group["params"]:
+            owners = self._owners.get(p, [])
+            if len(owners) > 1:
+                names = [f"{n}.{role}" for n, _, role in owners]
+                raise ValueError(f"params: one tensor is shared by the layers {names}; a parameter "
+                                 "shared by several Linear/Conv2d layers is not supported")
+            if not owners:
+                continue
+            name, module, role = owners[0]
+            other = module.bias if role == "weight" else module.weight
+            other_index = self._group_index.get(other) if other is not None else None
+            if other_index is not None and other_index != index:
+                w, b = (index, other_index) if role == "weight" else (other_index, index)
+                raise ValueError(f"params: {name}.weight and {name}.bias must be in the same "
+                                 f"param group, got groups {w} and {b}")
+            if role == "weight":
+                new.append(kfac.Layer(name, module, p, other if other_index == index else None))
+        specs = [self._specs(layer, group) for layer in new]  # validate before any change
+        for layer, spec in zip(new, specs):
+            self._add_layer(layer, group, spec)
+
+    def _add_layer(self, layer: kfac.Layer, group: dict[str, Any], specs: tuple[dict, dict]
+                   ) -> None:
+        self._layers[layer.weight] = layer
+        if layer.bias is not None:
+            self._biases[layer.bias] = layer
+        self._module_layer[layer.module] = layer
+        hook = kfac.WeakHook(self, "_forward_hook")
+        self._handles.append(layer.module.register_forward_hook(hook))
+        state = self.state[layer.weight]
+        set_counters(state, 0, group["init_grad_scale"])
+        dtypes = self._factor_dtypes(layer, group)
+        for key, spec, dtype in zip(("K", "C"), specs, dtypes):
+            factor = make_structure(spec["name"], spec["dim"], dtype=dtype,
+                                    device=layer.weight.device, **spec["options"])
+            write_structure(state, key, factor)
+            store_product(state, key, factor)
+            if not group["kfac_like"]:
+                write_structure(state, "m_" + key, factor.zeros_like())
+
+    def _specs(self, layer: kfac.Layer, group: dict[str, Any]) -> tuple[dict, dict]:
+        dim_K, dim_C = kfac.layer_dims(layer.module, layer.bias is not None)
+        K_entry, C_entry = group["structures"]
+        return (factor_spec(K_entry, dim_K, f"K of layer {layer.name!r}"),
+                factor_spec(C_entry, dim_C, f"C of layer {layer.name!r}"))
+
+    @staticmethod
+    def _factor_dtypes(layer: kfac.Layer, group: dict[str, Any]) -> tuple[torch.dtype, torch.dtype]:
+        dtype_K, dtype_C = group["preconditioner_dtype"]
+        return dtype_K or layer.weight.dtype, dtype_C or layer.weight.dtype
+
+    def preconditioner(self, module: nn.Module) -> F.FactorState:
+        """The current factors ``K, C`` and momenta ``m_K, m_C`` of a preconditioned layer."""
+        layer = self._module_layer.get(module)
+        if layer is None:
+            raise ValueError(f"module {module!r} has no preconditioner in this optimizer")
+        return self._factors(layer)
+
+    def _factors(self, layer: kfac.Layer) -> F.FactorState:
+        """The layer's structures, rebuilt from ``state`` only when its tensors were replaced."""
+        state = self.state[layer.weight]
+        cached = self._factor_cache.get(layer.weight)
+        if cached is not None and all(
+            s is None or all(state.get(f"{key}.{n}") is t for n, t in s.tensors().items())
+            for key, s in zip(F.FactorState._fields, cached)
+        ):
+            return cached
+        group = self.param_groups[self._group_index[layer.weight]]
+        spec_K, spec_C = self._specs(layer, group)
+        m_K = None if group["kfac_like"] else read_structure(state, "m_K", spec_K)
+        m_C = None if group["kfac_like"] else read_structure(state, "m_C", spec_C)
+        factors = F.FactorState(read_structure(state, "K", spec_K),
+                                read_structure(state, "C", spec_C), m_K, m_C)
+        if cached is not None:  # factors replaced from outside: refresh the dense products
+            store_product(state, "K", factors.K)
+            store_product(state, "C", factors.C)
+        self._factor_cache[layer.weight] = factors
+        return factors
+
+    def statistics(self, module: nn.Module) -> tuple[Structure, Structure] | None:
+        """``(H_K, H_C)`` recorded for ``module`` since the last step (``None`` if nothing).
+
+        With ``K = C = I`` (dense) these are the KFAC factors ``Ā`` and ``Ḡ`` of MATH §3.4.
+        """
+        layer = self._module_layer.get(module)
+        stats = None if layer is None else self._stats.get(layer.weight)
+        return None if stats is None else stats.finalize()
+
+    def _after_load(self) -> None:
+        restore_loaded_state(self)
+        self._stats.clear()
+        self._factor_cache.clear()
+        for index, group in enumerate(self.param_groups):
+            check_group(group, index)
+
+    # ------------------------------------------------------------------ hooks
+    def _count_forward(self, module: nn.Module, inputs: Any) -> None:
+        del module, inputs
+        self._forward_count += 1
+
+    def _forward_hook(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        layer = self._module_layer.get(module)
+        if (layer is None or not inputs or not torch.is_grad_enabled()
+                or not isinstance(output, Tensor) or not output.requires_grad):
+            return
+        group = self.param_groups[self._group_index[layer.weight]]
+        if int(self.state[layer.weight]["step"]) % group["T"] != 0:
+            return
+        # Loss terms are counted once per forward pass of `model` (a layer called twice in one
+        # forward shares them); if `model` itself is never called, once per layer call.
+        self._layer_calls += 1
+        forward_id = self._forward_count or -self._layer_calls
+        hook = functools.partial(self._backward_hook, layer, inputs[0].detach(), forward_id,
+                                 output.shape)
+        kfac.hookable(output).register_hook(hook)
+
+    def _backward_hook(self, layer: kfac.Layer, x: Tensor, forward_id: int, shape: torch.Size,
+                       grad: Tensor) -> None:
+        grad = grad.reshape(shape)
+        group = self.param_groups[self._group_index[layer.weight]]
+        state = self.state[layer.weight]
+        factors = self._factors(layer)
+        with torch.autocast(x.device.type, enabled=False):
+            a = kfac.input_rows(x.to(factors.K.dtype), layer.module, group["kfac_approx"],
+                                layer.bias is not None)
+            g, n_loss = kfac.grad_rows(grad.detach().to(factors.C.dtype), layer.module,
+                                       group["kfac_approx"], group["loss_average"])
+            previous_scale = float(state["grad_scale"])
+            if previous_scale != 1.0:
+                g = g / math.sqrt(previous_scale)
+            stats = self._stats.get(layer.weight)
+            if stats is None:
+                stats = kfac.KroneckerStatistics(mean_loss=group["loss_average"] is not None)
+                self._stats[layer.weight] = stats
+            first_in_forward = stats.last_forward != forward_id
+            stats.last_forward = forward_id
+            stats.add(factors.K, factors.C, a, g, n_loss if first_in_forward else 0)
+
+    def close(self) -> None:
+        """Remove every hook this optimizer installed (the optimizer keeps its state)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._stats.clear()
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One optimization step; ``closure`` (optional) recomputes the loss with gradients."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        scale, skip = self._amp_scale()
+        if skip:  # GradScaler found inf/NaN: no update, statistics dropped, steps counted
+            self._stats.clear()
+            for weight in self._layers:
+                set_counters(self.state[weight], int(self.state[weight]["step"]) + 1, scale)
+            return loss
+        for group in self.param_groups:
+            with F.autocast_off(group["params"]):
+                for p in group["params"]:
+                    if p in self._layers:
+                        self._layer_step(self._layers[p], group, scale)
+                    elif p not in self._biases and p.grad is not None:
+                        self._diagonal_step(p, group, scale)
+        return loss
+
+    def _amp_scale(self) -> tuple[float, bool]:
+        """``(s_t, skip)`` from the attributes ``GradScaler.step`` sets on this optimizer."""
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and grad_scale is None:
+            raise RuntimeError("StructuredNGD: scaler.unscale_(optimizer) before step() is not "
+                               "supported (its statistics need the scale of the backward pass); "
+                               "clip gradients without unscale_ or do not use a GradScaler")
+        scale = 1.0 if grad_scale is None else float(grad_scale)
+        return scale, found_inf is not None and bool(found_inf)
+
+    def _layer_step(self, layer: kfac.Layer, group: dict[str, Any], scale: float) -> None:
+        state = self.state[layer.weight]
+        stats = self._stats.pop(layer.weight, None)
+        if layer.weight.grad is None:
+            return
+        step = int(state["step"])
+        factors = self._factors(layer)
+        if step % group["T"] == 0:
+            factors = self._update_factors(layer, group, factors, stats, scale)
+        G = kfac.gradient_matrix(layer, scale)
+        direction = F.precondition(G, factors.K, factors.C, state.get("KKt"), state.get("CCt"))
+        direction = self.reducer.gradient(direction, group["loss_average"])
+        parts = (direction,) if layer.bias is None else (direction[:, :-1], direction[:, -1])
+        for param, part in zip((layer.weight, layer.bias), parts):
+            F.momentum_step(param, part.reshape(param.shape), self._momentum_buffer(param, group),
+                            lr=group["lr"], momentum=group["momentum"],
+                            weight_decay=group["weight_decay"])
+        set_counters(state, step + 1, scale)
+
+    def _update_factors(self, layer: kfac.Layer, group: dict[str, Any], factors: F.FactorState,
+                        stats: kfac.KroneckerStatistics | None, scale: float) -> F.FactorState:
+        if stats is None:
+            if layer.name not in self._warned:
+                self._warned.add(layer.name)
+                warnings.warn(f"StructuredNGD: no statistics were recorded for layer "
+                              f"{layer.name!r} (its forward hook did not run before backward); "
+                              "its preconditioner is not updated", stacklevel=4)
+            return factors
+        H_K, H_C = self.reducer.statistics(*stats.finalize(), group["loss_average"])
+        state = self.state[layer.weight]
+        new = F.update_preconditioner(
+            factors, H_K, H_C, lr_cov=F.schedule(group["lr_cov"], int(state["step"])),
+            alpha1=group["alpha1"], damping=group["damping"],
+            unscale=float(state["grad_scale"]) / scale**2, kfac_like=group["kfac_like"],
+            normalize_lr_cov=group["normalize_lr_cov"], retraction=group["retraction"],
+            trust_region=group["trust_region"],
+        )
+        for key in ("K", "C", "m_K", "m_C"):
+            if getattr(new, key) is not None:
+                write_structure(state, key, getattr(new, key))
+        store_product(state, "K", new.K)
+        store_product(state, "C", new.C)
+        self._factor_cache[layer.weight] = new
+        return new
+
+    def _momentum_buffer(self, param: Tensor, group: dict[str, Any]) -> Tensor | None:
+        if group["momentum"] == 0.0:
+            return None
+        state = self.state[param]
+        if "momentum_buffer" not in state:
+            dtype = group["momentum_dtype"] or param.dtype
+            state["momentum_buffer"] = torch.zeros_like(param, dtype=dtype)
+        return state["momentum_buffer"]
+
+    def _diagonal_step(self, param: Tensor, group: dict[str, Any], scale: float) -> None:
+        grad = param.grad if scale == 1.0 else param.grad / scale
+        grad = self.reducer.gradient(grad, group["loss_average"])
+        state = self.state[param]
+        if "step" not in state:
+            dtype = group["momentum_dtype"] or param.dtype
+            state.update(step=torch.tensor(0), exp_avg=torch.zeros_like(param, dtype=dtype),
+                         exp_avg_sq=torch.zeros_like(param, dtype=dtype))
+        step = int(state["step"]) + 1
+        state["step"] = torch.tensor(step)
+        F.diagonal_step(param, grad, state["exp_avg"], state["exp_avg_sq"], step,
+                        lr=group["lr"], momentum=group["momentum"], beta2=group["beta2"],
+                        eps=group["eps"], weight_decay=group["weight_decay"])
