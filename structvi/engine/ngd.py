@@ -165,8 +165,9 @@ def factor_step(
     m = momentum.scale(alpha).add(nu.to(momentum.dtype))
     beta: float | Tensor = lr
     if trust_region is not None:
-        norm = m.inf_norm().float()
-        cap = (trust_region / (torch.as_tensor(lr, dtype=torch.float32) * norm)).clamp(max=1.0)
+        dt = torch.promote_types(m.dtype, torch.float32)  # float64 stays float64, bf16 → float32
+        norm = m.inf_norm().to(dt)
+        cap = (trust_region / (torch.as_tensor(lr, dtype=dt, device=norm.device) * norm)).clamp(max=1.0)
         beta = lr * cap.nan_to_num(nan=1.0)  # 0/0 when lr*norm = 0 → no cap needed
     step_dir = m.to(factor.dtype).scale(-beta if isinstance(beta, float) else -beta.to(factor.dtype))
     return factor.retract(step_dir, retraction), m

@@ -24,7 +24,10 @@ SINGD_ALIASES: dict[str, dict[str, Any]] = {
     "triltoeplitz": {"name": "triangular_toeplitz"},
     "block30diagonal": {"name": "block_diagonal", "block_size": 30},
 }
-_VI_ONLY = {"kronecker": "it composes two factors and is for VI only"}
+_VI_ONLY = {
+    "kronecker": "it composes two factors and is for VI only",
+    "block_sites": "it composes per-site structures and is for VI only",
+}
 
 
 def optimizer_structures() -> list[str]:

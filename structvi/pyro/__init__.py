@@ -4,10 +4,10 @@
 :class:`~structvi.gaussian.StructuredGaussian`; ``NaturalGradientSVI`` trains it with the
 structvi engine (MATH (2.6)) the way ``pyro.infer.SVI`` trains a guide with a Pyro optimizer.
 Per-site structures are composed block-diagonally by :class:`BlockSites` (``"block_sites"``,
-opt-in to the global registry with :func:`register_block_sites`).
+a registered structure of :mod:`structvi.structures`).
 """
 
-from structvi.pyro.block_sites import BlockSites, register_block_sites
+from structvi.structures.block_sites import BlockSites
 from structvi.pyro.guides import AutoStructuredNormal, PyroStructuredGaussian
 from structvi.pyro.svi import NaturalGradientSVI, latent_log_joint
 
@@ -17,5 +17,4 @@ __all__ = [
     "NaturalGradientSVI",
     "PyroStructuredGaussian",
     "latent_log_joint",
-    "register_block_sites",
 ]

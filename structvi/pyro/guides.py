@@ -12,7 +12,7 @@ and :class:`pyro.infer.Predictive` are inherited from :class:`~pyro.infer.autogu
 
 or a mapping from site name to a structure spec (a name, ``(name, {options})`` or
 ``{"name": ..., **options}``), composed block-diagonally across sites
-(:class:`~structvi.pyro.block_sites.BlockSites`); sites left out get ``"diagonal"``::
+(:class:`~structvi.structures.block_sites.BlockSites`); sites left out get ``"diagonal"``::
 
     AutoStructuredNormal(model, structure={"fc1.weight": "kronecker", "fc1.bias": "diagonal"})
 
@@ -37,7 +37,8 @@ from torch import Tensor, nn
 from torch.distributions import biject_to
 
 from structvi.gaussian import StructuredGaussian
-from structvi.pyro.block_sites import BlockSites, block_spec, from_spec
+from structvi.structures import structure_from_spec
+from structvi.structures.block_sites import BlockSites, block_spec
 from structvi.structures import Structure, make_structure
 
 __all__ = ["DEFAULT_SITE_STRUCTURE", "AutoStructuredNormal", "PyroStructuredGaussian"]
@@ -193,7 +194,7 @@ class AutoStructuredNormal(AutoContinuous):
         """The covariance factor ``K`` (``Σ = K Kᵀ``), built from the current parameters."""
         self._require_setup("factor")
         tensors = {key: getattr(self, attr) for key, attr in self._factor_attrs.items()}
-        return from_spec(tensors, self._factor_spec)
+        return structure_from_spec(tensors, self._factor_spec)
 
     def factor_spec(self) -> dict[str, Any]:
         """JSON-able spec of the factor's structure (``Structure.spec()``)."""

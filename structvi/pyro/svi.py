@@ -36,7 +36,6 @@ from torch import Tensor
 from structvi.engine import NGDConfig
 from structvi.estimators import DEFAULT_NUM_SAMPLES, check_estimator
 from structvi.fit import Fitter, default_config
-from structvi.pyro.block_sites import registered
 from structvi.pyro.guides import AutoStructuredNormal
 
 __all__ = ["NaturalGradientSVI", "latent_log_joint"]
@@ -297,12 +296,11 @@ class NaturalGradientSVI:
                           " they are not trained", UserWarning, stacklevel=3)
         with torch.no_grad():
             q = self.guide.get_posterior()
-        with registered():  # the Fitter may rebuild the factor from its spec
-            self._fitter = Fitter(
-                _log_joint_set_per_step, q, self.config, estimator=self.estimator,
-                num_samples=self.num_samples, generator=self.generator,
-                temperature=self._temperature(), max_consecutive_skips=2**31,
-            )
+        self._fitter = Fitter(
+            _log_joint_set_per_step, q, self.config, estimator=self.estimator,
+            num_samples=self.num_samples, generator=self.generator,
+            temperature=self._temperature(), max_consecutive_skips=2**31,
+        )
         if self._pending is not None:
             self._load(self._pending)
             self._pending = None
@@ -338,8 +336,7 @@ class NaturalGradientSVI:
         fitter.state = fitter.state._replace(loc=self.guide.loc.detach().clone(), factor=factor)
         log_joint = self._log_joint(args, kwargs)
         fitter.log_joint = log_joint
-        with registered():
-            record = fitter.step()
+        record = fitter.step()
         self.guide.set_state(fitter.state.loc, fitter.state.factor)
         if self._params and self.optim is not None:
             self._step_params(log_joint)
@@ -386,8 +383,7 @@ class NaturalGradientSVI:
             self._load(state_dict)
 
     def _load(self, state_dict: dict[str, Any]) -> None:
-        with registered():  # NGDState.from_state_dict looks the factor's structure up by name
-            self.fitter.load_state_dict(state_dict["fitter"])
+        self.fitter.load_state_dict(state_dict["fitter"])
         state = self.fitter.state
         self.guide.set_state(state.loc, state.factor)
         if self.optim is not None and state_dict.get("optim") is not None:

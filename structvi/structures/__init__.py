@@ -23,6 +23,7 @@ from structvi.structures import (  # noqa: E402,F401
     hierarchical,
     triangular_toeplitz,
     kronecker,
+    block_sites,
 )
 
 __all__ = [

@@ -80,6 +80,15 @@ class Structure:
         return {}
 
     @classmethod
+    def fit_options(cls, dim: int, **options: Any) -> dict[str, Any]:
+        """Options shrunk to fit a ``dim×dim`` matrix (e.g. ``block_size = min(block_size, dim)``).
+
+        Used where one structure spec serves matrices of many sizes (the optimizer's layers).
+        The default returns the options unchanged; :meth:`check_options` still validates them.
+        """
+        return dict(options)
+
+    @classmethod
     def shapes(cls, dim: int, **options: Any) -> dict[str, tuple[int, ...]]:
         """Shapes of the stored tensors for this ``dim`` and options."""
         raise NotImplementedError

@@ -52,6 +52,14 @@ class BlockDiagonal(Structure):
         return {"block_size": b}
 
     @classmethod
+    def fit_options(cls, dim: int, **options: Any) -> dict[str, Any]:
+        """``block_size = min(block_size, dim)``."""
+        out = dict(options)
+        if isinstance(out.get("block_size"), int) and not isinstance(out["block_size"], bool):
+            out["block_size"] = max(1, min(out["block_size"], dim))
+        return out
+
+    @classmethod
     def shapes(cls, dim, *, block_size, **options):
         nb, r = divmod(dim, block_size)
         return {"blocks": (nb, block_size, block_size), "last": (r, r)}

@@ -77,6 +77,16 @@ class Hierarchical(Structure):
         return {"k1": k1, "k2": k2}
 
     @classmethod
+    def fit_options(cls, dim: int, **options: Any) -> dict[str, Any]:
+        """singd's fill rule: ``dim ≤ k1`` → ``(dim, 0)``; ``k1 < dim < k1 + k2`` → ``(k1, dim − k1)``."""
+        out = dict(options)
+        k1, k2 = out.get("k1"), out.get("k2")
+        ints = all(isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in (k1, k2))
+        if ints and k1 + k2 > dim:
+            out["k1"], out["k2"] = (dim, 0) if dim <= k1 else (k1, dim - k1)
+        return out
+
+    @classmethod
     def shapes(cls, dim, *, k1, k2, **options):
         m = dim - k1 - k2
         return {"A": (k1, k1), "B": (k1, dim - k1), "c": (m,), "D": (k2, m), "E": (k2, k2)}

@@ -61,6 +61,14 @@ class LowRankDiagonal(Structure):
         return {"rank": rank}
 
     @classmethod
+    def fit_options(cls, dim: int, **options: Any) -> dict[str, Any]:
+        """``rank = min(rank, dim - 1)`` (a ``1×1`` matrix has no room for a rank)."""
+        out = dict(options)
+        if isinstance(out.get("rank"), int) and not isinstance(out["rank"], bool) and dim >= 2:
+            out["rank"] = max(1, min(out["rank"], dim - 1))
+        return out
+
+    @classmethod
     def shapes(cls, dim, *, rank, **options):
         return {"A": (rank, rank), "B": (rank, dim - rank), "D": (dim - rank,)}
 

@@ -17,7 +17,7 @@ STRUCTURE_OPTIONS = {
     "low_rank_diagonal": {"rank": 2},
     "hierarchical": {"k1": 2, "k2": 2},
 }
-OPTIMIZER_STRUCTURES = sorted(n for n in STRUCTURES if n != "kronecker")
+OPTIMIZER_STRUCTURES = sorted(n for n in STRUCTURES if n not in ("kronecker", "block_sites"))
 
 
 def spec(name: str) -> dict:

@@ -17,7 +17,7 @@ from pyro.infer import SVI, Predictive, Trace_ELBO
 from pyro.infer.autoguide import AutoMultivariateNormal, init_to_value
 
 from structvi.pyro import AutoStructuredNormal, PyroStructuredGaussian
-from structvi.pyro.block_sites import BlockSites
+from structvi.structures.block_sites import BlockSites
 from structvi.testing import assert_close
 
 F64 = torch.float64

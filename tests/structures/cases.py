@@ -193,3 +193,25 @@ KRONECKER_CASES = [
 ]
 
 STRUCTURE_CASES.extend(KRONECKER_CASES)
+
+
+# ---------------------------------------------------------------- block_sites (per-site blocks)
+def _block_diag_mask(*masks: torch.Tensor) -> torch.Tensor:
+    return torch.block_diag(*(m.to(torch.int64) for m in masks)).to(torch.bool)
+
+
+def _block(name: str, dim: int, **options) -> dict:
+    return {"name": name, "dim": dim, "options": options}
+
+
+BLOCK_SITES_CASES = [
+    pattern_case("block_sites", 5, _block_diag_mask(torch.ones(3, 3), diag_mask(2)),
+                 blocks=[_block("dense", 3), _block("diagonal", 2)]),
+    pattern_case(
+        "block_sites", 9,
+        _block_diag_mask(low_rank_diagonal_mask(4, 1), torch.ones(1, 1), block_mask(4, 2)),
+        blocks=[_block("low_rank_diagonal", 4, rank=1), _block("dense", 1),
+                _block("block_diagonal", 4, block_size=2)],
+    ),
+]
+STRUCTURE_CASES.extend(BLOCK_SITES_CASES)

@@ -8,7 +8,7 @@ import torch
 from structvi.structures import STRUCTURES, make_structure, structure_from_spec
 
 ALL = [
-    "block_diagonal", "dense", "diagonal", "hierarchical", "kronecker", "low_rank_diagonal",
+    "block_diagonal", "block_sites", "dense", "diagonal", "hierarchical", "kronecker", "low_rank_diagonal",
     "lower_triangular", "triangular_toeplitz", "upper_triangular",
 ]
 
@@ -69,9 +69,30 @@ def test_wrong_tensor_shapes_are_reported():
 @pytest.mark.parametrize("name", ALL)
 def test_device_and_dtype_move(name):
     options = {"block_diagonal": {"block_size": 2}, "low_rank_diagonal": {"rank": 1},
+               "block_sites": {"blocks": [{"name": "dense", "dim": 3}, {"name": "diagonal", "dim": 1}]},
                "hierarchical": {"k1": 1, "k2": 1},
                "kronecker": {"dims": (2, 2), "factors": ("dense", "diagonal")}}.get(name, {})
     s = make_structure(name, 4, dtype=torch.float64, **options)
     moved = s.to(dtype=torch.bfloat16, device="cpu")
     assert moved.dtype == torch.bfloat16 and moved.device.type == "cpu"
     assert moved.spec() == s.spec()
+
+
+@pytest.mark.parametrize(
+    "name, dim, options, expected",
+    [
+        ("block_diagonal", 5, {"block_size": 30}, {"block_size": 5}),
+        ("block_diagonal", 50, {"block_size": 30}, {"block_size": 30}),
+        ("low_rank_diagonal", 4, {"rank": 8}, {"rank": 3}),
+        ("hierarchical", 10, {"k1": 15, "k2": 15}, {"k1": 10, "k2": 0}),
+        ("hierarchical", 20, {"k1": 15, "k2": 15}, {"k1": 15, "k2": 5}),
+        ("hierarchical", 40, {"k1": 15, "k2": 15}, {"k1": 15, "k2": 15}),
+        ("dense", 3, {}, {}),
+    ],
+)
+def test_fit_options_shrink_to_the_dimension(name, dim, options, expected):
+    cls = STRUCTURES[name]
+    fitted = cls.fit_options(dim, **options)
+    assert fitted == expected
+    make_structure(name, dim, **fitted)  # valid
+

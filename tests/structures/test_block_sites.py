@@ -1,5 +1,5 @@
 """``block_sites`` (per-site structures composed block-diagonally): the structure conformance
-suite of ``tests/structures/test_conformance.py`` on block_sites cases, and blockwise identities
+suite runs on the block_sites cases of ``cases.py``; here: blockwise identities
 with a Kronecker block (whose coordinates are not a sparsity pattern)."""
 
 from __future__ import annotations
@@ -7,56 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from structvi.pyro.block_sites import BlockSites, block_spec, from_spec, registered
-from structvi.structures import STRUCTURES, make_structure, structure_from_spec
-from structvi.testing import assert_close, pattern_case, state_roundtrip
-from tests.structures.cases import block_mask, diag_mask, low_rank_diagonal_mask
-from tests.structures.test_conformance import *  # noqa: F401,F403  (collected again here)
+from structvi.structures.block_sites import BlockSites, block_spec
+from structvi.structures import make_structure, structure_from_spec
+from structvi.testing import assert_close, state_roundtrip
 
 F64 = torch.float64
-
-
-def _block_diag_mask(*masks: torch.Tensor) -> torch.Tensor:
-    return torch.block_diag(*(m.to(torch.int64) for m in masks)).to(torch.bool)
-
-
-BLOCK_SITES_CASES = [
-    pattern_case("block_sites", 5, _block_diag_mask(torch.ones(3, 3), diag_mask(2)),
-                 blocks=[block_spec("dense", 3), block_spec("diagonal", 2)]),
-    pattern_case(
-        "block_sites", 9,
-        _block_diag_mask(low_rank_diagonal_mask(4, 1), torch.ones(1, 1), block_mask(4, 2)),
-        blocks=[block_spec("low_rank_diagonal", 4, rank=1), block_spec("dense", 1),
-                block_spec("block_diagonal", 4, block_size=2)],
-    ),
-]
-
-
-@pytest.fixture
-def block_sites_registered():
-    """``make_structure``/``structure_from_spec`` need the name; removed again afterwards."""
-    with registered():
-        yield
-
-
-@pytest.fixture(params=BLOCK_SITES_CASES, ids=lambda c: c.id)
-def structure_case(request, block_sites_registered):
-    """Overrides the conftest fixture: the imported conformance tests run on block_sites."""
-    return request.param
-
-
-def test_not_registered_globally_unless_asked():
-    from structvi.pyro import register_block_sites
-
-    with registered():
-        assert STRUCTURES["block_sites"] is BlockSites
-    assert "block_sites" not in STRUCTURES
-    try:
-        register_block_sites()
-        register_block_sites()  # idempotent
-        assert STRUCTURES["block_sites"] is BlockSites
-    finally:
-        STRUCTURES.pop("block_sites")
 
 
 def _kron_blocks(dtype=F64):
@@ -87,7 +42,7 @@ def test_kronecker_block_ops_equal_the_blocks_own(gen):
     assert_close(new.blocks[1].to_dense(), diag.retract(step.blocks[1]).to_dense(), 1e-14, "diag")
 
 
-def test_kronecker_block_state_roundtrip(gen, block_sites_registered):
+def test_kronecker_block_state_roundtrip(gen):
     s = BlockSites.from_blocks([_randomize(b, gen) for b in _kron_blocks()])
     m = s.zeros_like()
     for x in (s, m):
@@ -95,7 +50,6 @@ def test_kronecker_block_state_roundtrip(gen, block_sites_registered):
         assert back.spec() == x.spec()
         assert_close(back.to_dense(), x.to_dense(), 0.0, "roundtrip")
     assert structure_from_spec(m.tensors(), m.spec()).blocks[0].kind == "sum"
-    assert from_spec(m.tensors(), m.spec()).blocks[0].kind == "sum"
 
 
 def test_solve_is_the_inverse(gen):
@@ -104,7 +58,7 @@ def test_solve_is_the_inverse(gen):
     assert_close(s.matmul(s.solve(r)), r, 1e-12, "K K⁻¹ r")
 
 
-def test_bad_options_name_the_problem(block_sites_registered):
+def test_bad_options_name_the_problem():
     with pytest.raises(ValueError, match="add up to 5, expected dim=6"):
         make_structure("block_sites", 6, blocks=[block_spec("dense", 3), block_spec("dense", 2)])
     with pytest.raises(ValueError, match="non-empty list"):

@@ -12,26 +12,23 @@ structure — a block's semantics (e.g. Kronecker's factor-wise retraction) are 
 Options: ``blocks``, a list of block specs ``{"name", "dim", "options"}`` (``Structure.spec()``)
 whose dims add up to ``dim``. Tensors are stored under ``"{i}:{key}"`` for block ``i``.
 
-**Registry.** ``block_sites`` is not in the global registry by default (the optimizer and the
-registry's own tests enumerate it; it is a VI-only composition, like ``kronecker``):
-:func:`from_spec` rebuilds it from a spec, :func:`registered` makes ``structure_from_spec``
-know it inside a ``with`` block (``NaturalGradientSVI`` wraps its calls into
-:class:`structvi.fit.Fitter`, which rebuilds factors from specs, in it), and
-:func:`register_block_sites` registers it for good, e.g. for ``make_structure("block_sites", d, blocks=[...])``.
+Registered as ``"block_sites"``: ``make_structure("block_sites", d, blocks=[...])`` with
+``blocks`` as above, or :meth:`BlockSites.from_blocks` from existing structures. It is a VI
+structure (the Pyro guide composes per-site structures with it); the optimizer rejects it.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from structvi.structures import STRUCTURES, Structure, get_structure_class, structure_from_spec
+from structvi.structures.base import Structure
+from structvi.structures.registry import get_structure_class, register
 
-__all__ = ["BlockSites", "block_spec", "from_spec", "register_block_sites", "registered"]
+__all__ = ["BlockSites", "block_spec"]
 
 
 def block_spec(name: str, dim: int, **options: Any) -> dict[str, Any]:
@@ -63,6 +60,7 @@ def _normalize_blocks(dim: int, blocks: Any) -> list[dict[str, Any]]:
     return out
 
 
+@register
 class BlockSites(Structure):
     """Block-diagonal composition of arbitrary structures (module docstring)."""
 
@@ -226,33 +224,3 @@ class BlockSites(Structure):
     def __repr__(self) -> str:
         inner = ", ".join(f"{b.name}({b.dim})" for b in self.blocks)
         return f"BlockSites(dim={self.dim}, blocks=[{inner}], dtype={self.dtype})"
-
-
-def from_spec(tensors: Mapping[str, Tensor], spec: Mapping[str, Any]) -> Structure:
-    """``structure_from_spec`` that also knows ``block_sites`` (registered or not)."""
-    if spec.get("name") == BlockSites.name:
-        return BlockSites.from_tensors(tensors, spec)
-    return structure_from_spec(tensors, spec)
-
-
-def register_block_sites() -> None:
-    """Add ``block_sites`` to the global structure registry (idempotent).
-
-    Raises:
-        ValueError: another class is registered under the name ``"block_sites"``.
-    """
-    other = STRUCTURES.setdefault(BlockSites.name, BlockSites)
-    if other is not BlockSites:
-        raise ValueError(f"a different structure is registered as {BlockSites.name!r}: {other}")
-
-
-@contextlib.contextmanager
-def registered() -> Iterator[None]:
-    """Inside the block, the registry knows ``block_sites`` (removed again if it was added)."""
-    added = BlockSites.name not in STRUCTURES
-    register_block_sites()
-    try:
-        yield
-    finally:
-        if added:
-            STRUCTURES.pop(BlockSites.name, None)
