@@ -15,7 +15,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-DEMOS = ["examples/logistic_regression.py", "examples/train_digits.py"]
+# script → (keyword arguments of its ``main`` for a full run, for a quick run)
+DEMOS = {
+    "examples/logistic_regression.py": ({}, {"quick": True}),
+    "examples/train_digits.py": ({"argv": ["--epochs", "5"]}, {"argv": ["--epochs", "1"]}),
+}
 BENCHMARKS = {
     "structures": "benchmarks.structures",
     "vi": "benchmarks.vi_vs_pyro",
@@ -35,13 +39,12 @@ def _require_checkout(path: Path) -> None:
 
 def demo(quick: bool) -> None:
     """Run each demo script's ``main`` (few steps with ``--quick``)."""
-    for rel in DEMOS:
+    for rel, (full, short) in DEMOS.items():
         path = ROOT / rel
         _require_checkout(path)
         print(f"\n=== {rel} ===", flush=True)
         module = runpy.run_path(str(path), run_name="structvi_demo")
-        kwargs = {"quick": True} if quick else {}
-        module["main"](**kwargs)
+        module["main"](**(short if quick else full))
 
 
 def bench(names: list[str], quick: bool) -> None:
