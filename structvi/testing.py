@@ -104,6 +104,9 @@ class StructureCase:
 
     @property
     def id(self) -> str:
+        if "blocks" in self.options:  # block_sites: the blocks' names and sizes
+            inner = "+".join(f"{b['name']}{b['dim']}" for b in self.options["blocks"])
+            return f"{self.name}({inner})-d={self.dim}"
         opts = ",".join(f"{k}={_short(v)}" for k, v in self.options.items())
         return f"{self.name}({opts})-d={self.dim}" if opts else f"{self.name}-d={self.dim}"
 

@@ -55,8 +55,9 @@ class BlockDiagonal(Structure):
     def fit_options(cls, dim: int, **options: Any) -> dict[str, Any]:
         """``block_size = min(block_size, dim)``."""
         out = dict(options)
-        if isinstance(out.get("block_size"), int) and not isinstance(out["block_size"], bool):
-            out["block_size"] = max(1, min(out["block_size"], dim))
+        b = out.get("block_size")
+        if isinstance(b, int) and not isinstance(b, bool) and b > dim:
+            out["block_size"] = dim
         return out
 
     @classmethod

@@ -64,8 +64,9 @@ class LowRankDiagonal(Structure):
     def fit_options(cls, dim: int, **options: Any) -> dict[str, Any]:
         """``rank = min(rank, dim - 1)`` (a ``1×1`` matrix has no room for a rank)."""
         out = dict(options)
-        if isinstance(out.get("rank"), int) and not isinstance(out["rank"], bool) and dim >= 2:
-            out["rank"] = max(1, min(out["rank"], dim - 1))
+        k = out.get("rank")
+        if isinstance(k, int) and not isinstance(k, bool) and dim >= 2 and k > dim - 1:
+            out["rank"] = dim - 1
         return out
 
     @classmethod
