@@ -161,11 +161,3 @@ def test_unknown_estimator():
     with pytest.raises(ValueError, match="estimator must be one of .* got estimator='ggn'"):
         estimate(quartic_log_joint, torch.zeros(2, dtype=F64), K, estimator="ggn")
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """These problems are tiny: one intra-op thread avoids thread-pool overhead on small CPUs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-import pytest
 import torch
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "logistic_regression.py"
@@ -17,13 +16,6 @@ def load_example():
     spec.loader.exec_module(module)
     return module
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_logistic_regression_example(tmp_path, capsys):

@@ -9,7 +9,7 @@ import torch
 from torch.distributions import MultivariateNormal, kl_divergence
 
 from structvi.engine import NGDConfig
-from structvi.fit import Fitter, Plateau, TwoStage, elbo, fit
+from structvi.fit import Fitter, Plateau, elbo, fit
 from structvi.gaussian import StructuredGaussian
 from structvi.structures import STRUCTURES, make_structure
 from structvi.testing import assert_close
@@ -171,14 +171,6 @@ def test_logistic_elbo_orders_dense_lowrank_diagonal(breast_cancer):
     assert values["low_rank_diagonal"] >= values["diagonal"] - 0.5, values
     assert values["dense"] > -30 and values["diagonal"] > -41, values
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """These problems are tiny: one intra-op thread avoids thread-pool overhead on small CPUs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # ---------------------------------------------------------------------- resume, determinism
