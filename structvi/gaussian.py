@@ -5,8 +5,9 @@ r"""``StructuredGaussian``: a multivariate normal stored as a mean and a structu
 
 with ``K`` a :class:`~structvi.structures.Structure` (the covariance-side factor, DESIGN.md
 decision 1). Sampling, the mean and the marginal variances are structured products (no ``d×d``
-matrix); the log-density needs ``K^{-1}(x − μ)`` (:func:`whiten`), which is elementwise for a
-diagonal factor and a triangular substitution for triangular-type factors; dense quantities
+matrix); the log-density needs ``K^{-1}(x − μ)`` (:func:`whiten`, the factor's own
+:meth:`~structvi.structures.Structure.solve`: elementwise for a diagonal factor, a substitution
+for triangular-type factors, small block solves for the others); dense quantities
 (``covariance_matrix``, ``precision_matrix``, ``scale_tril``) are lazy and meant for diagnostics.
 
 The closed-form KL divergence is registered with :func:`torch.distributions.kl.register_kl`
@@ -44,11 +45,11 @@ def _work_dtype(*dtypes: torch.dtype) -> torch.dtype:
 def whiten(factor: Structure, r: Tensor) -> Tensor:
     """``K^{-1} r`` for ``r`` of shape ``(d, n)``, in ``r``'s dtype (at least float32).
 
-    Dispatch, cheapest first: a structure-provided ``solve`` method; elementwise division for a
-    diagonal factor; triangular substitution (``solve_triangular``: no inverse, no factorization)
-    when the dense factor is lower or upper triangular, which covers the triangular-type
-    structures; otherwise an LU solve of the dense factor (``O(d³)``, diagnostics only — never
-    called by an update). The last two build the ``d×d`` dense factor.
+    The factor's own :meth:`~structvi.structures.Structure.solve` (elementwise for a diagonal
+    factor, a substitution for triangular-type factors, small block solves for the others; no
+    ``d×d`` matrix except for the dense and Toeplitz factors), run in the wider of ``r``'s and the
+    factor's dtype, at least float32. Log-densities, KL and diagnostics only — never called by
+    an update.
 
     Args:
         factor: the factor ``K``.
@@ -58,18 +59,8 @@ def whiten(factor: Structure, r: Tensor) -> Tensor:
         ``K^{-1} r``, shape ``(d, n)``.
     """
     dt = _work_dtype(r.dtype, factor.dtype)
-    r = r.to(dt)
-    solve = getattr(factor, "solve", None)
-    if callable(solve):
-        return solve(r.to(factor.dtype)).to(dt)
-    if factor.name == "diagonal":
-        return r / factor.diagonal().to(dt)[:, None]
-    A = factor.to_dense().to(dt)
-    if torch.equal(A.triu(1), torch.zeros_like(A)):
-        return torch.linalg.solve_triangular(A, r, upper=False)
-    if torch.equal(A.tril(-1), torch.zeros_like(A)):
-        return torch.linalg.solve_triangular(A, r, upper=True)
-    return torch.linalg.solve(A, r)
+    K = factor if factor.dtype == dt else factor.to(dt)
+    return K.solve(r.to(dt))
 
 
 class StructuredGaussian(Distribution):

@@ -46,6 +46,36 @@ def test_variance_does_not_build_dense(structure_case, gen, monkeypatch):
     assert_close(q.variance, mvn.variance, 1e-12, "variance")
 
 
+def test_log_prob_does_not_build_dense(structure_case, gen, monkeypatch):
+    """``log_prob`` whitens with the structure's own ``solve``: no ``d×d`` matrix (only the
+    Toeplitz solve, O(d²) for O(d) storage, builds its dense triangle; documented there)."""
+    from structvi.structures import STRUCTURES
+
+    q, mvn = random_q(structure_case, gen)
+    x = torch.randn(3, structure_case.dim, generator=gen, dtype=F64)
+
+    def boom(*args, **kwargs):
+        raise AssertionError("log_prob must not call to_dense")
+
+    for name, cls in STRUCTURES.items():
+        if name != "triangular_toeplitz":
+            monkeypatch.setattr(cls, "to_dense", boom)
+    assert_close(q.log_prob(x), mvn.log_prob(x), 1e-10, "log_prob")
+
+
+def test_triangular_zero_triangle_gets_no_gradient(gen):
+    """Trained by autograd (the Pyro guide under a torch optimizer), a triangular factor's zero
+    triangle must stay zero: ``rsample`` and ``log_prob`` read only the kept triangle."""
+    for name, keep in (("lower_triangular", torch.tril), ("upper_triangular", torch.triu)):
+        A = torch.eye(4, dtype=F64) + 0.3 * torch.randn(4, 4, generator=gen, dtype=F64)
+        K = make_structure(name, 4, dtype=F64).from_dense(A)
+        matrix = K.tensors()["matrix"].requires_grad_()
+        q = StructuredGaussian(torch.zeros(4, dtype=F64), K._new({"matrix": matrix}))
+        x = q.rsample((5,), generator=gen)
+        (q.log_prob(x.detach()).sum() + x.square().sum()).backward()
+        assert torch.equal(matrix.grad, keep(matrix.grad)), name
+
+
 def test_sample_moments(structure_case):
     q, mvn = random_q(structure_case, torch.Generator().manual_seed(3))
     n = 40_000

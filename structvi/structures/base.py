@@ -237,6 +237,24 @@ class Structure:
         self._check_vec(x)
         return self.to_dense().T @ x
 
+    def solve(self, x: Tensor) -> Tensor:
+        """``K^{-1} @ x`` for ``x`` of shape ``(d,)`` or ``(d, n)``, in the structure's dtype.
+
+        For log-densities, the KL divergence and diagnostics only: no update calls it (updates
+        are inverse-free, DESIGN.md decision 2). This fallback builds the dense ``d×d`` matrix and
+        solves it by LU in float32 or wider, rounding the result once.
+
+        Args:
+            x: right-hand sides, shape ``(d,)`` or ``(d, n)``, same dtype and device as ``K``.
+
+        Returns:
+            ``K^{-1} x``, same shape and dtype as ``x``.
+        """
+        self._warn("solve")
+        self._check_vec(x)
+        acc = solve_dtype(self.dtype)
+        return torch.linalg.solve(self.to_dense().to(acc), x.to(acc)).to(self.dtype)
+
     def compose(self, other: Structure) -> Structure:
         """``self @ other``, closed in the structure's group (MATH §2.4 note (i))."""
         self._warn("compose")
@@ -302,6 +320,28 @@ def check_int_option(name: str, value: Any, low: int, high: int | None, structur
         rng = f">= {low}" if high is None else f"in [{low}, {high}]"
         raise ValueError(f"{structure}: {name} must be {rng}, got {name}={value}")
     return value
+
+
+def solve_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype solves run in: ``dtype`` promoted to at least float32 (CPU has no half LU or
+    triangular solve, and one rounding at the end keeps half-precision solves accurate)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def solve_small(A: Tensor, X: Tensor) -> Tensor:
+    """``A^{-1} X`` for a small dense (or batched ``(..., k, k)``) ``A`` and ``X`` ``(..., k, n)``.
+
+    Computed in :func:`solve_dtype` of ``A`` and returned in that dtype (callers round once). A
+    ``1×1`` system is a division (no LU); an empty one returns ``X``.
+    """
+    acc = solve_dtype(A.dtype)
+    A, X = A.to(acc), X.to(acc)
+    k = A.shape[-1]
+    if k == 0:
+        return X
+    if k == 1:
+        return X / A
+    return torch.linalg.solve(A, X)
 
 
 def sym(A: Tensor) -> Tensor:

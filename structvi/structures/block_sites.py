@@ -174,14 +174,11 @@ class BlockSites(Structure):
         self._check_vec(x)
         return torch.cat([b.rmatmul(xi) for b, xi in zip(self.blocks, self._split(x))])
 
-    def solve(self, r: Tensor) -> Tensor:
-        """``K^{-1} r`` block by block (log-densities and diagnostics; never in an update)."""
-        from structvi.gaussian import whiten
-
-        self._check_vec(r, "r")
-        r2 = r.reshape(self.dim, -1)
-        out = torch.cat([whiten(b, ri).to(r.dtype) for b, ri in zip(self.blocks, self._split(r2))])
-        return out.reshape(r.shape)
+    def solve(self, x: Tensor) -> Tensor:
+        """``K^{-1} x`` block by block with each block's own ``solve`` (log-densities and
+        diagnostics; never in an update)."""
+        self._check_vec(x)
+        return torch.cat([b.solve(xi) for b, xi in zip(self.blocks, self._split(x))])
 
     def compose(self, other: Structure) -> BlockSites:
         self._check_same(other)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from structvi.structures.base import Structure, sym
+from structvi.structures.base import Structure, solve_small, sym
 from structvi.structures.registry import register
 
 
@@ -50,6 +50,13 @@ class Dense(Structure):
     def rmatmul(self, x: Tensor) -> Tensor:
         self._check_vec(x)
         return self.matrix.T @ x
+
+    def solve(self, x: Tensor) -> Tensor:
+        """``K^{-1} x`` by an LU solve, O(d³ + d² n), in float32 or wider (log-densities and
+        diagnostics only; no update calls it)."""
+        self._check_vec(x)
+        X = x.reshape(self.dim, -1)
+        return solve_small(self.matrix, X).to(self.dtype).reshape(x.shape)
 
     def compose(self, other: Structure) -> Dense:
         self._check_same(other)

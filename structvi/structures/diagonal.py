@@ -52,6 +52,11 @@ class Diagonal(Structure):
     def rmatmul(self, x: Tensor) -> Tensor:
         return self._scale_rows(x)
 
+    def solve(self, x: Tensor) -> Tensor:
+        """``K^{-1} x = x / k`` row-wise, O(d n) (log-densities and diagnostics only)."""
+        self._check_vec(x)
+        return x / self.diag if x.dim() == 1 else x / self.diag[:, None]
+
     def compose(self, other: Structure) -> Diagonal:
         self._check_same(other)
         return self._new({"diag": self.diag * other.diag})

@@ -37,7 +37,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from structvi.structures.base import Structure, _check_dim, check_int_option, sym
+from structvi.structures.base import (
+    Structure,
+    _check_dim,
+    check_int_option,
+    solve_dtype,
+    solve_small,
+    sym,
+)
 from structvi.structures.registry import register
 
 
@@ -184,6 +191,21 @@ class Hierarchical(Structure):
         X1, Xm, X3 = self._split(X)
         out = [A.T @ X1, Bm.T @ X1 + c[:, None] * Xm + D.T @ X3, Be.T @ X1 + E.T @ X3]
         return torch.cat(out).reshape(x.shape)
+
+    def solve(self, x: Tensor) -> Tensor:
+        """``K^{-1} x`` by block substitution, O(k1³ + k2³ + (k1 + k2) d n), in float32 or wider:
+        ``y_mid = x_mid / c``, ``y₃ = E^{-1}(x₃ − D y_mid)``, ``y₁ = A^{-1}(x₁ − B [y_mid; y₃])``
+        (LU solves of the ``k1×k1`` and ``k2×k2`` blocks). For log-densities and diagnostics only;
+        no update calls it."""
+        self._check_vec(x)
+        acc = solve_dtype(self.dtype)
+        A, B, c, D, E = (self._t[key].to(acc) for key in ("A", "B", "c", "D", "E"))
+        X1, Xm, X3 = self._split(x.reshape(self.dim, -1).to(acc))
+        ym = Xm / c[:, None]
+        y3 = solve_small(E, X3 - D @ ym)
+        rest = torch.cat([ym, y3])
+        y1 = solve_small(A, X1 - B @ rest)
+        return torch.cat([y1, rest]).to(self.dtype).reshape(x.shape)
 
     def compose(self, other: Structure) -> Hierarchical:
         """``self @ other`` blockwise (module docstring), in O((k1 + k2)² d)."""

@@ -355,6 +355,25 @@ class Kronecker(Structure):
     def rmatmul(self, x: Tensor) -> Tensor:
         return self._apply(x, transpose=True)
 
+    def solve(self, x: Tensor) -> Tensor:
+        """``(K₁ ⊗ K₂)^{-1} x = vec_row(K₁^{-1} X K₂^{-T})`` by the factors' ``solve`` (product kind).
+
+        For log-densities and diagnostics only; no update calls it.
+
+        Raises:
+            ValueError: a sum-kind coordinate element (coordinates are never inverted; only group
+                elements ``K₁ ⊗ K₂`` are), or a bad ``x``.
+        """
+        if self.kind != "product":
+            raise ValueError(
+                f"Kronecker.solve is defined for a product-kind {_KIND_TEXT['product']}, got a "
+                f"{self.kind}-kind {_KIND_TEXT[self.kind]}: coordinates are never inverted"
+            )
+        self._check_vec(x)
+        f1, f2 = self.factors
+        X = x.reshape(*self.dims, -1)
+        return _along(f2.solve, _along(f1.solve, X, 0), 1).reshape(x.shape)
+
     def compose(self, other: Structure) -> Kronecker:
         """``(K₁ ⊗ K₂)(L₁ ⊗ L₂) = (K₁L₁) ⊗ (K₂L₂)``.
 

@@ -29,7 +29,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from structvi.structures.base import Structure
+from structvi.structures.base import Structure, solve_dtype
 from structvi.structures.registry import register
 
 
@@ -81,12 +81,28 @@ class _Triangular(Structure):
         return self._project_sym2(Y + Y.mT, Y.diagonal().to(self.dtype))
 
     def matmul(self, x: Tensor) -> Tensor:
+        """``K @ x``, O(d² n), reading only the kept triangle.
+
+        The mask (O(d²), elementwise) keeps ``matmul`` consistent with :meth:`solve` and
+        :meth:`logabsdet`, which read only the triangle, and gives the zero triangle no gradient
+        when the storage is trained by autograd (the Pyro guide under a torch optimizer).
+        """
         self._check_vec(x)
-        return self.matrix @ x
+        return self._mask(self.matrix) @ x
 
     def rmatmul(self, x: Tensor) -> Tensor:
+        """``Kᵀ @ x``, O(d² n), reading only the kept triangle (see :meth:`matmul`)."""
         self._check_vec(x)
-        return self.matrix.T @ x
+        return self._mask(self.matrix).T @ x
+
+    def solve(self, x: Tensor) -> Tensor:
+        """``K^{-1} x`` by triangular substitution (no factorization), O(d² n), in float32 or
+        wider (log-densities and diagnostics only; no update calls it)."""
+        self._check_vec(x)
+        acc = solve_dtype(self.dtype)
+        X = x.reshape(self.dim, -1).to(acc)
+        Y = torch.linalg.solve_triangular(self.matrix.to(acc), X, upper=self.upper)
+        return Y.to(self.dtype).reshape(x.shape)
 
     def compose(self, other: Structure) -> _Triangular:
         self._check_same(other)

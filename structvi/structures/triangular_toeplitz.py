@@ -196,6 +196,20 @@ class TriangularToeplitz(Structure):
         self._check_vec(x)
         return _toeplitz_matmul(self.column, x.reshape(self.dim, -1), True).reshape(x.shape)
 
+    def solve(self, x: Tensor) -> Tensor:
+        """``K^{-1} x`` by triangular substitution, O(d² n), in float32 or wider.
+
+        The one operation of this structure that builds the dense ``d×d`` matrix (O(d²) memory
+        for a storage of ``d``): forward substitution is O(d²) work anyway, and
+        ``solve_triangular`` on :meth:`to_dense` is the simple, backward-stable route. For
+        log-densities and diagnostics only; no update calls it.
+        """
+        self._check_vec(x)
+        acc = _acc(self.dtype)
+        X = x.reshape(self.dim, -1).to(acc)
+        Y = torch.linalg.solve_triangular(self.to(acc).to_dense(), X, upper=False)
+        return Y.to(self.dtype).reshape(x.shape)
+
     def compose(self, other: Structure) -> TriangularToeplitz:
         """``K₁ K₂``: its first column is ``K₁ t₂`` (the truncated product of the polynomials)."""
         self._check_same(other)

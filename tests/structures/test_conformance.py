@@ -189,6 +189,18 @@ def test_logabsdet(structure_case, dtype, gen):
     assert_close(s.logabsdet(), expected, tol(dtype, structure_case.dim, "compose"), "log|det K|")
 
 
+@pytest.mark.parametrize("ncols", [None, 3], ids=["vec", "n=3"])
+def test_solve(structure_case, dtype, gen, ncols):
+    """``K⁻¹ x`` against an LU solve of the rounded float64 dense factor (well conditioned)."""
+    s, A = rounded(structure_case, gen, dtype)
+    shape = (structure_case.dim,) if ncols is None else (structure_case.dim, ncols)
+    x = randn(gen, *shape, dtype=dtype)
+    out = s.solve(x)
+    assert out.dtype == dtype and out.shape == x.shape
+    expected = torch.linalg.solve(A, x.to(F64))
+    assert_close(out, expected, tol(dtype, structure_case.dim, "inner"), "K⁻¹ x")
+
+
 def test_state_roundtrip_weights_only(structure_case, dtype, gen):
     s, A = rounded(structure_case, gen, dtype)
     json.dumps(s.spec())
@@ -218,6 +230,7 @@ def test_no_dense_fallbacks(structure_case, gen):
             m.compose(m)
         s.project_outer(X), s.inner_project_self(), s.diagonal(), s.gram_diagonal()
         s.inf_norm(), m.inf_norm(), s.logabsdet(), s.retract(m.scale(0.1))
+        s.solve(X)
 
 
 def test_update_ops_are_inverse_free(structure_case, gen, forbid_decompositions):

@@ -119,6 +119,18 @@ def test_row_major_convention(gen):
     assert_close(A, torch.kron(K1, K2), 0.0, "torch.kron order")
 
 
+def test_solve_is_factor_wise_and_rejects_sums(gen):
+    """``(K₁ ⊗ K₂)⁻¹ vec(X) = vec(K₁⁻¹ X K₂⁻ᵀ)``; a sum-kind coordinate element is never inverted."""
+    s, _ = KRONECKER_CASES[0].random_group(gen)
+    m, _ = KRONECKER_CASES[0].random_coord(gen)
+    K1, K2 = dense_factors(s)
+    X = torch.randn(3, 4, generator=gen, dtype=F64)
+    expected = torch.linalg.solve(K1, torch.linalg.solve(K2, X.T).T)
+    assert_close(s.solve(X.reshape(-1)), expected.reshape(-1), 1e-12, "K⁻¹ vec(X)")
+    with pytest.raises(ValueError, match=r"solve is defined for a product-kind .* got a sum-kind"):
+        m.solve(X.reshape(-1))
+
+
 def test_kind_rules(gen):
     s, A = KRONECKER_CASES[0].random_group(gen)
     m, M = KRONECKER_CASES[0].random_coord(gen)
