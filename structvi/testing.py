@@ -88,7 +88,8 @@ class StructureCase:
         oracle_project: dense ``Π̂`` of a symmetric matrix (float64).
         mask: boolean ``d×d`` pattern (entries outside must stay exactly zero).
         storage: expected :meth:`Structure.num_params`.
-        orthogonal: whether ``½(Π̂+Π̂ᵀ)`` is an orthogonal projection (false for Kronecker).
+        orthogonal: whether group elements and coordinates share one pattern, so the projection
+            identities apply as written (false for Kronecker).
     """
 
     name: str

@@ -23,18 +23,23 @@ instance has a ``kind``:
 For ``h = exp`` this is exact, ``exp(M₁ ⊗ I + I ⊗ M₂) = exp(M₁) ⊗ exp(M₂)``; for the truncated
 retractions it is the INGD convention (each factor updated on its own, MATH §3.2).
 
-**Projection by partial traces** (MATH §2.6, §3.2). For a symmetric ``Y`` seen as
-``Y[i, j, i', j']``: ``Π̂(Y) = Π̂₁(tr₂(Y)/d₂) ⊗ I + I ⊗ Π̂₂(tr₁(Y)/d₁)`` with
-``tr₂(Y)[i, i'] = Σ_j Y[i, j, i', j]``. This is the natural gradient for the block-diagonal
-metric that ignores the coupling of the two factors along the scale gauge ``K₁ → cK₁,
-K₂ → K₂/c``; ``½(Π̂ + Π̂ᵀ)`` is therefore *not* an orthogonal projection, and
-``Π̂(I) = I ⊗ I + I ⊗ I`` (dense: ``2I``) counts the gauge direction once per factor. With it the
-engine's ``ν = ½(Π̂(KᵀĒK) − τΠ̂(I))`` is, for ``Ē = A ⊗ G``, exactly INGD's per-factor
-``ν₁ = ½[tr̄(K₂ᵀGK₂)·Π̂₁(K₁ᵀAK₁) − τI]`` (and symmetrically ``ν₂``). Because both factors move
-along the overall scale, a step ``β`` moves ``log det Σ`` twice as fast as a dense step would:
-near the fixed point the scale error is multiplied by ``1 − 2β`` per step instead of ``1 − β``,
-so ``β = 1`` stalls along it (measured: dense⊗dense Gaussian target, exact statistics), while
-``β = ½`` converges fastest and any ``β < 1`` converges.
+**Projection by partial traces, with the scale gauge fixed** (MATH §2.6, §3.2). The coordinates
+``M₁ ⊗ I + I ⊗ M₂`` are redundant along ``(cI) ⊗ I − I ⊗ (cI) = 0`` (the gauge ``K₁ → cK₁,
+K₂ → K₂/c``). structvi fixes it by keeping the common scale in the first factor: ``tr M₂ = 0``.
+On that subspace the metric (1.3), ``2[d₂‖M₁‖² + d₁‖M₂‖² + 2 tr M₁ tr M₂]`` for symmetric parts,
+is block-diagonal *exactly* (the coupling term vanishes), so the natural gradient is, for a
+symmetric ``Y`` seen as ``Y[i, j, i', j']`` with ``tr₂(Y)[i, i'] = Σ_j Y[i, j, i', j]``:
+
+.. math:: \hat\Pi(Y) = \hat\Pi_1(\mathrm{tr}_2 Y / d_2) \otimes I
+          + I \otimes \big(P_2 - \bar{\mathrm{tr}}(P_2)\, I\big),\qquad
+          P_2 = \hat\Pi_2(\mathrm{tr}_1 Y / d_1),
+
+and ``Π̂(I) = I ⊗ I + I ⊗ 0``. For ``Ē = A ⊗ G`` the engine's ``ν = ½(Π̂(KᵀĒK) − τΠ̂(I))`` is
+``ν₁ = ½[tr̄(K₂ᵀGK₂)·Π̂₁(K₁ᵀAK₁) − τI]`` (INGD's) and ``ν₂`` its traceless counterpart. INGD's
+convention (subtract ``τI`` in both factors, i.e. no gauge fixing) counts the scale twice: near
+the fixed point its scale error is multiplied by ``1 − 2β`` per step, so ``β = 1`` stalls; with
+the gauge fixed ``β = 1`` is the Newton-like step of the other structures. The optimizer
+(:mod:`structvi.optim`) keeps INGD's convention with its own factors; this class is for VI.
 
 Storage: the two factors' storage (tensors ``"0.<key>"``, ``"1.<key>"``). ``matmul`` costs the
 factors' ``matmul`` on ``(d₁, d₂n)`` and ``(d₂, d₁n)``; ``project_outer`` the factors'
@@ -256,8 +261,14 @@ class Kronecker(Structure):
         return self._pair(*(f.zeros_like() for f in self.factors), "sum")
 
     def coord_identity(self) -> Kronecker:
-        """``Π̂(I) = Π̂₁(I) ⊗ I + I ⊗ Π̂₂(I)`` (``2I`` for dense factors; see the module doc)."""
-        return self._pair(*(f.coord_identity() for f in self.factors), "sum")
+        """``Π̂(I) = I ⊗ I + I ⊗ 0`` (the scale lives in the first factor; module doc)."""
+        f1, f2 = self.factors
+        return self._pair(f1.coord_identity(), f2.zeros_like(), "sum")
+
+    def _fix_gauge(self, m1: Structure, m2: Structure) -> Kronecker:
+        """The sum ``m1 ⊗ I + I ⊗ (m2 − tr̄(m2) I)``: the common scale kept in the first factor."""
+        eye2 = m2.coord_identity()
+        return self._pair(m1, m2.add(eye2, alpha=-(m2.trace() / self.dims[1])), "sum")
 
     def __repr__(self) -> str:
         parts = []
@@ -327,15 +338,15 @@ class Kronecker(Structure):
         )
 
     def project(self, Y: Tensor) -> Kronecker:
-        """``Π̂(Y) = Π̂₁(tr₂(Y)/d₂) ⊗ I + I ⊗ Π̂₂(tr₁(Y)/d₁)`` for a symmetric ``d×d`` ``Y``."""
+        """``Π̂(Y)`` by partial traces, gauge fixed (module doc), for a symmetric ``d×d`` ``Y``."""
         if not isinstance(Y, Tensor) or tuple(Y.shape) != (self.dim, self.dim):
             shape = tuple(Y.shape) if isinstance(Y, Tensor) else type(Y).__name__
             raise ValueError(f"Y must have shape ({self.dim}, {self.dim}), got {shape}")
         d1, d2 = self.dims
         Y4 = Y.reshape(d1, d2, d1, d2)
         f1, f2 = self.factors
-        return self._pair(f1.project(torch.einsum("ijkj->ik", Y4) / d2),
-                          f2.project(torch.einsum("ijil->jl", Y4) / d1), "sum")
+        return self._fix_gauge(f1.project(torch.einsum("ijkj->ik", Y4) / d2),
+                               f2.project(torch.einsum("ijil->jl", Y4) / d1))
 
     # ------------------------------------------------------------------ products
     def _apply(self, x: Tensor, transpose: bool) -> Tensor:
@@ -412,7 +423,7 @@ class Kronecker(Structure):
             Ua = _unfold(U, self.dims, axis)
             Va = None if V is None else _unfold(V, self.dims, axis)
             parts.append(f.project_outer(Ua, Va).scale(1.0 / rest))
-        return self._pair(*parts, "sum")
+        return self._fix_gauge(*parts)
 
     def inner_project_self(self) -> Kronecker:
         """``Π̂((K₁ᵀK₁) ⊗ (K₂ᵀK₂)) = Π̂₁(K₁ᵀK₁)·tr̄(K₂ᵀK₂) ⊗ I + I ⊗ Π̂₂(K₂ᵀK₂)·tr̄(K₁ᵀK₁)``,
@@ -420,8 +431,7 @@ class Kronecker(Structure):
         self._require("product", "inner_project_self")
         f1, f2 = self.factors
         t1, t2 = (f.gram_diagonal().mean() for f in self.factors)
-        return self._pair(f1.inner_project_self().scale(t2), f2.inner_project_self().scale(t1),
-                          "sum")
+        return self._fix_gauge(f1.inner_project_self().scale(t2), f2.inner_project_self().scale(t1))
 
     # ------------------------------------------------------------------ reductions
     def diagonal(self) -> Tensor:

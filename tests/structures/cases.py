@@ -172,8 +172,11 @@ def kronecker_case(f1: str, d1: int, opts1: dict, f2: str, d2: int, opts2: dict)
         return Kronecker.from_factors(m1, m2, "sum"), torch.kron(M1, eye2) + torch.kron(eye1, M2)
 
     def oracle_project(Y):
+        """Partial traces, the common scale kept in the first factor (``tr M₂ = 0``)."""
         T2, T1 = partial_traces(Y, d1, d2)
-        return torch.kron(c1.oracle_project(T2), eye2) + torch.kron(eye1, c2.oracle_project(T1))
+        P2 = c2.oracle_project(T1)
+        P2 = P2 - P2.trace() / d2 * eye2
+        return torch.kron(c1.oracle_project(T2), eye2) + torch.kron(eye1, P2)
 
     mask = (c1.mask[:, None, :, None] & c2.mask[None, :, None, :]).reshape(d, d)
     spec1, spec2 = (f if not o else (f, o) for f, o in ((f1, opts1), (f2, opts2)))

@@ -116,7 +116,7 @@ def test_project_matches_oracle(structure_case, dtype, gen):
 def test_projection_identities(structure_case, gen):
     """MATH §7.1: P idempotent, Y − P(Y) ⟂ {Z + Zᵀ}, tr Π̂(Y) = tr Y, Π̂ lands in the pattern."""
     if not structure_case.orthogonal:
-        pytest.skip("Kronecker Π̂ uses partial traces (block-diagonal metric), not orthogonal")
+        pytest.skip("Kronecker: group elements (K₁ ⊗ K₂) are not coordinates (M₁ ⊗ I + I ⊗ M₂)")
     d = structure_case.dim
     Y = torch.randn(d, d, generator=gen, dtype=F64)
     Y = Y + Y.T
