@@ -26,11 +26,13 @@ from structvi.structures.base import Structure
 __all__ = [
     "LOCAL",
     "FactorState",
+    "SparseGram",
     "autocast_off",
     "LocalReducer",
     "Reducer",
     "dense_product",
     "diagonal_step",
+    "gram_product",
     "gram_project",
     "momentum_step",
     "precondition",
@@ -171,18 +173,86 @@ def update_preconditioner(
     return FactorState(K, C, m_K, m_C)
 
 
-def precondition(G: Tensor, K: Structure, C: Structure, KKt: Tensor | None = None,
-                 CCt: Tensor | None = None) -> Tensor:
+class SparseGram(NamedTuple):
+    r"""``S Sᵀ = diag(w) + (\text{rows and columns } J)``, kept between factor updates.
+
+    For factors whose rows outside an index set ``J`` are those of a diagonal (``diagonal``:
+    ``J = ∅``; ``low_rank_diagonal``: the ``k`` dense rows; ``hierarchical``: the ``k₁ + k₂``
+    dense rows), ``S Sᵀ`` is diagonal off the rows and columns ``J``: ``w`` is that diagonal
+    (zero on ``J``) and ``rows = (S Sᵀ)[J, :]``. It holds ``d + |J|·d`` numbers, no more than the
+    factor, and applies ``S Sᵀ`` to a ``d × n`` matrix in one diagonal scaling and two rank-``|J|``
+    products instead of the factor's four block products and concatenations.
+    """
+
+    index: Tensor  # J, int64
+    w: Tensor  # (d,)
+    rows: Tensor  # (|J|, d)
+
+
+def _gram_rows(S: Structure) -> Tensor | None:
+    """The indices ``J`` of :class:`SparseGram` for the structures that have one, else ``None``."""
+    if S.name == "diagonal":
+        return torch.zeros(0, dtype=torch.long, device=S.device)
+    if S.name == "hierarchical":
+        k1, k2 = S.options["k1"], S.options["k2"]
+        return torch.cat([torch.arange(k1, device=S.device),
+                          torch.arange(S.dim - k2, S.dim, device=S.device)])
+    if S.name == "low_rank_diagonal":
+        return torch.arange(S.options["rank"], device=S.device)
+    return None
+
+
+def gram_product(S: Structure) -> SparseGram | None:
+    """``S Sᵀ`` as a :class:`SparseGram` (structure API only), or ``None`` for other structures."""
+    index = _gram_rows(S)
+    if index is None:
+        return None
+    w = S.gram_diagonal().clone()
+    w[index] = 0
+    unit = torch.zeros(S.dim, index.numel(), dtype=S.dtype, device=S.device)
+    unit[index, torch.arange(index.numel(), device=S.device)] = 1
+    rows = S.matmul(S.rmatmul(unit)).T.contiguous() if index.numel() else unit.T
+    return SparseGram(index, w, rows)
+
+
+def _gram_right(G: Tensor, P: SparseGram, overwrite: bool) -> Tensor:
+    """``G (S Sᵀ)`` for ``G`` of shape ``(n, d)``, in ``G``'s memory when ``overwrite``."""
+    if not P.index.numel():
+        return G.mul_(P.w) if overwrite else G * P.w
+    G_J, GP = G.index_select(1, P.index), G @ P.rows.T  # before G is overwritten
+    out = G.mul_(P.w) if overwrite else G * P.w
+    return out.addmm_(G_J, P.rows).index_copy_(1, P.index, GP)
+
+
+def _gram_left(P: SparseGram, X: Tensor, overwrite: bool) -> Tensor:
+    """``(S Sᵀ) X`` for ``X`` of shape ``(d, n)``, in ``X``'s memory when ``overwrite``."""
+    w = P.w[:, None]
+    if not P.index.numel():
+        return X.mul_(w) if overwrite else X * w
+    X_J, PX = X.index_select(0, P.index), P.rows @ X
+    out = X.mul_(w) if overwrite else X * w
+    return out.addmm_(P.rows.T, X_J).index_copy_(0, P.index, PX)
+
+
+def precondition(G: Tensor, K: Structure, C: Structure, KKt: Tensor | SparseGram | None = None,
+                 CCt: Tensor | SparseGram | None = None, *, overwrite: bool = False) -> Tensor:
     """``C Cᵀ G K Kᵀ`` for a gradient matrix ``G`` of shape ``(d_C, d_K)``.
 
-    Computed as ``(K (Kᵀ Gᵀ))ᵀ`` in ``K``'s dtype, then ``C (Cᵀ ·)`` in ``C``'s dtype (or with
-    the dense products ``KKt = K Kᵀ``, ``CCt = C Cᵀ`` when given); returned in ``G``'s dtype.
+    Computed as ``(K (Kᵀ Gᵀ))ᵀ`` in ``K``'s dtype, then ``C (Cᵀ ·)`` in ``C``'s dtype, or with
+    the products ``KKt = K Kᵀ``, ``CCt = C Cᵀ`` when given (dense matrices or
+    :class:`SparseGram`, applied in place to intermediates); returned in ``G``'s dtype.
+    ``overwrite``: ``G`` is a scratch copy that may hold the result.
     """
-    if KKt is not None:
+    if isinstance(KKt, SparseGram):
+        G_K = _cast(G, KKt.w.dtype)
+        right = _gram_right(G_K, KKt, overwrite or G_K is not G)
+    elif KKt is not None:
         right = _cast(G, KKt.dtype) @ KKt
     else:
         dtype = K.dtype
         right = K.matmul(K.rmatmul(_cast(G.T, dtype))).T
+    if isinstance(CCt, SparseGram):  # `right` is a new tensor: overwrite it
+        return _cast(_gram_left(CCt, _cast(right, CCt.w.dtype), True), G.dtype)
     if CCt is not None:
         return _cast(CCt @ _cast(right, CCt.dtype), G.dtype)
     return _cast(C.matmul(C.rmatmul(_cast(right, C.dtype))), G.dtype)

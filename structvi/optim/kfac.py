@@ -92,9 +92,21 @@ def supported_owners(model: nn.Module) -> dict[Tensor, list[tuple[str, nn.Module
     return owners
 
 
-def gradient_matrix(layer: Layer, scale: float) -> Tensor:
-    """``[∇W, ∇b] / s`` as a ``(d_C, d_K)`` matrix (conv weights flattened)."""
+def gradient_matrix(layer: Layer, scale: float, out: Tensor | None = None) -> Tensor:
+    """``[∇W, ∇b] / s`` as a ``(d_C, d_K)`` matrix (conv weights flattened).
+
+    ``out``: a contiguous ``(d_C, d_K)`` tensor of the weight gradient's dtype to write it into
+    (the result is then always a copy); otherwise the gradient itself when ``s = 1`` without bias.
+    """
     G = layer.weight.grad.flatten(1)
+    if out is not None:
+        if layer.bias is None:
+            out.copy_(G)
+        else:
+            out[:, :-1].copy_(G)
+            bias_grad = layer.bias.grad
+            out[:, -1].copy_(0 if bias_grad is None else bias_grad)
+        return out if scale == 1.0 else out.div_(scale)
     if layer.bias is not None:
         bias_grad = layer.bias.grad
         bias_grad = torch.zeros_like(layer.bias) if bias_grad is None else bias_grad

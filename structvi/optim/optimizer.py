@@ -79,7 +79,9 @@ class StructuredNGD(Optimizer):
     A layer's state holds the tensors of ``K, C, m_K, m_C`` (keys ``"K.<name>"`` ...), its step
     count and last gradient scale, and, for factors stored as ``d×d`` matrices (dense,
     triangular), the products ``K Kᵀ``/``C Cᵀ`` (keys ``"KKt"``, ``"CCt"``), which halve the
-    cost of every step; ``state_dict()`` is tensors only (``torch.load(weights_only=True)``)
+    cost of every step (``diagonal``, ``low_rank_diagonal`` and ``hierarchical`` factors keep
+    ``K Kᵀ`` as a :class:`~structvi.optim.functional.SparseGram` outside ``state``, rebuilt after
+    each factor update, of no more numbers than the factor); ``state_dict()`` is tensors only (``torch.load(weights_only=True)``)
     and ``load_state_dict`` keeps every tensor's saved dtype. Pending statistics (backward
     done, ``step()`` not yet called) are not part of the state. The data-parallel
     communication points are the methods of :attr:`reducer` (a
@@ -158,6 +160,11 @@ class StructuredNGD(Optimizer):
         self._group_index: dict[Tensor, int] = {}
         self._stats: dict[Tensor, kfac.KroneckerStatistics] = {}
         self._factor_cache: dict[Tensor, F.FactorState] = {}
+        # weight → (factors, K Kᵀ, C Cᵀ) as SparseGram (not state: rebuilt from the factors)
+        self._gram_cache: dict[Tensor, tuple[F.FactorState, Any, Any]] = {}
+        # one scratch buffer per (dtype, device), the size of the largest gradient matrix: the
+        # gradient is copied into it and preconditioned in place (no large allocation per step)
+        self._scratch: dict[tuple[torch.dtype, torch.device], Tensor] = {}
         self._handles = [model.register_forward_pre_hook(kfac.WeakHook(self, "_count_forward"))]
         self._forward_count = self._layer_calls = 0
         self._warned: set[str] = set()
@@ -283,6 +290,7 @@ class StructuredNGD(Optimizer):
         restore_loaded_state(self)
         self._stats.clear()
         self._factor_cache.clear()
+        self._gram_cache.clear()
         for index, group in enumerate(self.param_groups):
             check_group(group, index)
 
@@ -379,8 +387,16 @@ class StructuredNGD(Optimizer):
         factors = self._factors(layer)
         if step % group["T"] == 0:
             factors = self._update_factors(layer, group, factors, stats, scale)
-        G = kfac.gradient_matrix(layer, scale)
-        direction = F.precondition(G, factors.K, factors.C, state.get("KKt"), state.get("CCt"))
+        G = kfac.gradient_matrix(layer, scale, self._scratch_matrix(layer))
+        KKt, CCt = state.get("KKt"), state.get("CCt")
+        if KKt is None or CCt is None:
+            cached = self._gram_cache.get(layer.weight)
+            if cached is None or cached[0] is not factors:
+                cached = (factors, F.gram_product(factors.K), F.gram_product(factors.C))
+                self._gram_cache[layer.weight] = cached
+            KKt = cached[1] if KKt is None else KKt
+            CCt = cached[2] if CCt is None else CCt
+        direction = F.precondition(G, factors.K, factors.C, KKt, CCt, overwrite=True)
         direction = self.reducer.gradient(direction, group["loss_average"])
         parts = (direction,) if layer.bias is None else (direction[:, :-1], direction[:, -1])
         for param, part in zip((layer.weight, layer.bias), parts):
@@ -388,6 +404,17 @@ class StructuredNGD(Optimizer):
                             lr=group["lr"], momentum=group["momentum"],
                             weight_decay=group["weight_decay"])
         set_counters(state, step + 1, scale)
+
+    def _scratch_matrix(self, layer: kfac.Layer) -> Tensor:
+        """A ``(d_C, d_K)`` view of the shared scratch buffer for the layer's gradient matrix."""
+        grad = layer.weight.grad
+        shape = (grad.shape[0], grad[0].numel() + int(layer.bias is not None))
+        key = (grad.dtype, grad.device)
+        buffer = self._scratch.get(key)
+        if buffer is None or buffer.numel() < shape[0] * shape[1]:
+            buffer = self._scratch[key] = torch.empty(shape[0] * shape[1], dtype=grad.dtype,
+                                                      device=grad.device)
+        return buffer[: shape[0] * shape[1]].view(shape)
 
     def _update_factors(self, layer: kfac.Layer, group: dict[str, Any], factors: F.FactorState,
                         stats: kfac.KroneckerStatistics | None, scale: float) -> F.FactorState:
