@@ -20,12 +20,15 @@ DEMOS = {
     "examples/logistic_regression.py": ({}, {"quick": True}),
     "examples/train_digits.py": ({"argv": ["--epochs", "5"]}, {"argv": ["--epochs", "1"]}),
 }
+# name → (module, --out for a quick run: quick results never overwrite the full ones the README
+# quotes; some benchmarks take an output file, others a directory)
+QUICK_DIR = "benchmarks/results/quick"
 BENCHMARKS = {
-    "structures": "benchmarks.structures",
-    "vi": "benchmarks.vi_vs_pyro",
-    "vi_scaling": "benchmarks.vi_scaling",
-    "optim": "benchmarks.optim_digits",
-    "pyro": "benchmarks.pyro_path",
+    "structures": ("benchmarks.structures", f"{QUICK_DIR}/structures.json"),
+    "vi": ("benchmarks.vi_vs_pyro", QUICK_DIR),
+    "vi_scaling": ("benchmarks.vi_scaling", QUICK_DIR),
+    "optim": ("benchmarks.optim_digits", f"{QUICK_DIR}/optim_digits.json"),
+    "pyro": ("benchmarks.pyro_path", QUICK_DIR),
 }
 
 
@@ -48,7 +51,7 @@ def demo(quick: bool) -> None:
 
 
 def bench(names: list[str], quick: bool) -> None:
-    """Run the named benchmarks (all by default) as ``python -m benchmarks.<name>``."""
+    """Run the named benchmarks (all by default); ``quick`` runs write under ``QUICK_DIR``."""
     _require_checkout(ROOT / "benchmarks")
     sys.path.insert(0, str(ROOT))
     import importlib
@@ -57,8 +60,9 @@ def bench(names: list[str], quick: bool) -> None:
         if name not in BENCHMARKS:
             raise SystemExit(f"unknown benchmark {name!r}; expected one of {sorted(BENCHMARKS)}")
         print(f"\n=== benchmark {name} ===", flush=True)
-        module = importlib.import_module(BENCHMARKS[name])
-        module.main(["--quick"] if quick else [])
+        module_name, quick_out = BENCHMARKS[name]
+        module = importlib.import_module(module_name)
+        module.main(["--quick", "--out", str(ROOT / quick_out)] if quick else [])
 
 
 def main(argv: list[str] | None = None) -> None:
