@@ -15,6 +15,11 @@ covariance-side factor ``K`` (``Σ = K Kᵀ``), mean ``μ`` and the statistics
 The mean step uses the **updated** factor (the Bayesian-learning-rule order): it differs from the
 pre-update order at O(β²) and makes a step with exact curvature a Newton step. No inverse,
 solve or decomposition is used: ``h`` and the mean step are matrix products.
+
+With a sparse structure ``K Kᵀ`` is not ``Ē⁻¹`` even at the optimum, and ``β_μ = 1`` can
+diverge (a diagonal ``K`` makes the mean step a Jacobi iteration). :func:`structvi.fit` caps
+``β_μ`` each step by an exact line search on the local quadratic model; callers of this bare
+step should pass a smaller ``lr_mean`` or do the same.
 """
 
 from __future__ import annotations
