@@ -272,3 +272,19 @@ def test_no_dxd_intermediate(case, gen):
         K.inner_project(X), K.inner_project_self(), K.diagonal(), K.gram_diagonal()
         K.inf_norm(), K.logabsdet(), K.retract(M.scale(0.1)), K.retract(M, "expm")
     assert 0 < probe.largest <= d * d // 8, f"largest intermediate {probe.largest} vs d² = {d * d}"
+
+
+@pytest.mark.parametrize("d", [1, 2, 7, 40, 129])
+def test_toeplitz_inverse_is_toeplitz_and_exact(d):
+    """K⁻¹ by Newton's iteration on the power series: K K⁻¹ = I (float64), no decomposition."""
+    from structvi._forbid import ForbidDecompositions
+
+    gen = torch.Generator().manual_seed(d)
+    t = 0.3 * torch.randn(d, generator=gen, dtype=torch.float64) / (1 + torch.arange(d))
+    t[0] = 1.0 + 0.1 * t[0]
+    K = make_structure("triangular_toeplitz", d, dtype=torch.float64)
+    K = K._new({"column": t})
+    with ForbidDecompositions():
+        inv = K.inverse()
+    eye = torch.eye(d, dtype=torch.float64)
+    assert torch.allclose(K.to_dense() @ inv.to_dense(), eye, atol=1e-12)
