@@ -189,22 +189,9 @@ class SparseGram(NamedTuple):
     rows: Tensor  # (|J|, d)
 
 
-def _gram_rows(S: Structure) -> Tensor | None:
-    """The indices ``J`` of :class:`SparseGram` for the structures that have one, else ``None``."""
-    if S.name == "diagonal":
-        return torch.zeros(0, dtype=torch.long, device=S.device)
-    if S.name == "hierarchical":
-        k1, k2 = S.options["k1"], S.options["k2"]
-        return torch.cat([torch.arange(k1, device=S.device),
-                          torch.arange(S.dim - k2, S.dim, device=S.device)])
-    if S.name == "low_rank_diagonal":
-        return torch.arange(S.options["rank"], device=S.device)
-    return None
-
-
 def gram_product(S: Structure) -> SparseGram | None:
     """``S Sᵀ`` as a :class:`SparseGram` (structure API only), or ``None`` for other structures."""
-    index = _gram_rows(S)
+    index = S.gram_rows()
     if index is None:
         return None
     w = S.gram_diagonal().clone()

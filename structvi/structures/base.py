@@ -274,6 +274,14 @@ class Structure:
         """``Π̂(Kᵀ X Xᵀ K)`` without forming a ``d×d`` matrix (``X``: ``(d,)`` or ``(d, n)``)."""
         return self.project_outer(self.rmatmul(X).reshape(self.dim, -1))
 
+    def gram_rows(self) -> Tensor | None:
+        """Indices ``J`` such that ``K Kᵀ`` is diagonal outside the rows and columns ``J``.
+
+        Lets a caller keep ``K Kᵀ`` as a diagonal plus ``|J|`` dense rows (``d + |J|·d``
+        numbers); ``None`` when the structure has no such sparse Gram form (the default).
+        """
+        return None
+
     def inner_project_self(self) -> Structure:
         """``Π̂(Kᵀ K)`` (singd's ``from_inner()``), without a ``d×d`` matrix."""
         self._warn("inner_project_self")

@@ -68,6 +68,10 @@ class Diagonal(Structure):
         prod = U.reshape(self.dim, -1) * V.reshape(self.dim, -1)
         return self._new({"diag": prod.sum(-1).to(self.dtype)})
 
+    def gram_rows(self) -> Tensor:
+        """``K Kᵀ`` is diagonal: ``J = ∅``."""
+        return torch.zeros(0, dtype=torch.long, device=self.device)
+
     def inner_project_self(self) -> Diagonal:
         return self._new({"diag": self.diag.square()})
 

@@ -235,6 +235,12 @@ class Hierarchical(Structure):
             sym(U3 @ V3.T),
         )
 
+    def gram_rows(self) -> Tensor:
+        """``K Kᵀ`` is diagonal outside the first ``k1`` and the last ``k2`` rows and columns."""
+        k1, k2 = self.options["k1"], self.options["k2"]
+        return torch.cat([torch.arange(k1, device=self.device),
+                          torch.arange(self.dim - k2, self.dim, device=self.device)])
+
     def inner_project_self(self) -> Hierarchical:
         """``Π̂(Kᵀ K)`` from the column blocks ``[A; 0; 0]``, ``[B_m; diag c; D]``,
         ``[B_e; 0; E]``, in O((k1 + k2)² d)."""

@@ -133,25 +133,13 @@ class Kronecker(Structure):
     name = "kronecker"
 
     def __init__(self, dim: int, tensors: Mapping[str, Tensor], **options: Any) -> None:
-        self.options = self.check_options(dim, **options)
-        self.dim = int(dim)
-        expected = self.shapes(self.dim, **self.options)
-        if set(tensors) != set(expected):
-            raise ValueError(
-                f"kronecker: tensors must have keys {sorted(expected)}, got {sorted(tensors)}"
-            )
+        # the base class checks options, keys, shapes and a shared dtype/device
+        super().__init__(dim, tensors, **options)
         factors = []
         for i, (d, spec) in enumerate(zip(self.dims, self.options["factors"])):
-            own = {k.split(".", 1)[1]: t for k, t in tensors.items() if k.startswith(f"{i}.")}
+            own = {k.split(".", 1)[1]: t for k, t in self._t.items() if k.startswith(f"{i}.")}
             factors.append(get_structure_class(spec["name"])(d, own, **spec["options"]))
-        f1, f2 = factors
-        if (f1.dtype, f1.device) != (f2.dtype, f2.device):
-            raise ValueError(
-                f"kronecker: both factors must share dtype and device, got {f1.dtype}/{f1.device}"
-                f" and {f2.dtype}/{f2.device}"
-            )
-        self.factors: tuple[Structure, Structure] = (f1, f2)
-        self._t = {f"{i}.{k}": t for i, f in enumerate(factors) for k, t in f.tensors().items()}
+        self.factors: tuple[Structure, Structure] = (factors[0], factors[1])
 
     # ------------------------------------------------------------------ spec and storage
     @classmethod

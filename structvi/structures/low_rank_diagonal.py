@@ -174,6 +174,10 @@ class LowRankDiagonal(Structure):
         B = U[:k] @ V[k:].T + V[:k] @ U[k:].T
         return self._make(A, B, (U[k:] * V[k:]).sum(-1))
 
+    def gram_rows(self) -> Tensor:
+        """``K Kᵀ`` is diagonal outside the first ``k`` rows and columns."""
+        return torch.arange(self.options["rank"], device=self.device)
+
     def inner_project_self(self) -> LowRankDiagonal:
         """``Π̂(Kᵀ K) = [[AᵀA, 2AᵀB], [0, diag(BᵀB) + D²]]`` in O(k² d)."""
         A, B, D = self.A, self.B, self.D

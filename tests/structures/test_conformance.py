@@ -241,3 +241,17 @@ def test_update_ops_are_inverse_free(structure_case, gen, forbid_decompositions)
     s.inner_project_self(), s.gram_diagonal(), m.inf_norm(), s.coord_identity()
     for retraction in ("quadratic", "first_order", "expm"):
         s.retract(m.scale(0.1), retraction)
+
+
+def test_gram_rows(structure_case, gen):
+    """Where a structure declares ``J``, ``K Kᵀ`` is diagonal outside the rows/columns ``J``."""
+    s, A = structure_case.random_group(gen)
+    J = s.gram_rows()
+    if J is None:
+        pytest.skip(f"{structure_case.name} has no sparse Gram form")
+    G = A @ A.T
+    outside = torch.ones(structure_case.dim, dtype=torch.bool)
+    outside[J] = False
+    block = G[outside][:, outside]
+    assert torch.equal(block - torch.diag(block.diagonal()), torch.zeros_like(block))
+    assert J.dtype == torch.long and len(set(J.tolist())) == J.numel()
