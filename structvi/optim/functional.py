@@ -6,6 +6,8 @@ r"""The per-layer maths of :class:`~structvi.optim.StructuredNGD`: pure function
 * :func:`precondition` — ``Ĝ = C Cᵀ G K Kᵀ`` (matrix products only).
 * :func:`momentum_step` — MATH (3.3): weight decay after preconditioning, heavy-ball momentum.
 * :func:`diagonal_step` — the documented rule for every other trainable parameter.
+* :func:`screen` — the acceptance rule of a step (non-finite, zero and outlier gradients and
+  statistics; DESIGN decision 7), applied by the optimizer before it changes anything.
 
 Communication points for data-parallel training are the two methods of :class:`Reducer`;
 :data:`LOCAL` does nothing (single process).
@@ -14,6 +16,7 @@ Communication points for data-parallel training are the two methods of :class:`R
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
@@ -30,12 +33,15 @@ __all__ = [
     "autocast_off",
     "LocalReducer",
     "Reducer",
+    "Screen",
     "dense_product",
     "diagonal_step",
     "gram_product",
     "gram_project",
     "momentum_step",
     "precondition",
+    "schedule",
+    "screen",
     "update_preconditioner",
 ]
 
@@ -301,9 +307,99 @@ def diagonal_step(
     param.addcdiv_(exp_avg.to(param.dtype), denom.to(param.dtype), value=-lr / bias1)
 
 
-def schedule(value: float | Callable[[int], float], step: int) -> float:
-    """``value(step)`` for a schedule, else ``value`` (as a float)."""
-    return float(value(step) if callable(value) else value)
+def schedule(value: float | Callable[[int], float], step: int, name: str = "lr_cov") -> float:
+    """``value(step)`` for a schedule, else ``value`` (as a float).
+
+    Raises:
+        ValueError: the schedule returned something other than a finite number ``>= 0``.
+    """
+    result = value(step) if callable(value) else value
+    try:
+        number = float(result)
+    except (TypeError, ValueError, RuntimeError):
+        number = math.nan
+    if not (math.isfinite(number) and number >= 0.0) or isinstance(result, bool):
+        source = f"the callable {name} returned {result!r} at step {step}" if callable(value) \
+            else f"{name}={result!r}"
+        raise ValueError(f"{name}: {source}; expected a finite number >= 0 (fix the schedule so "
+                         "that it returns a non-negative float for every step)")
+    return number
+
+
+# ---------------------------------------------------------------------------------- acceptance
+RUNNING_DECAY = 0.9  # decay of the running means of the outlier rule
+
+
+class Screen(NamedTuple):
+    """The verdict of :func:`screen` for one layer (or one diagonal-rule parameter) at one step.
+
+    ``grad_factor`` multiplies the gradient, ``stat_factors`` the statistics ``(H_K, H_C)``,
+    ``update_factors`` says whether the preconditioner takes its update (``False`` for a zero
+    gradient), ``running`` are the new running means (``[‖G‖, tr H_K/d_K, tr H_C/d_C]``, or
+    ``[‖g‖]`` for a diagonal-rule parameter; 0 = not yet seen) and ``clipped`` whether the outlier
+    rule changed anything.
+    """
+
+    grad_factor: float = 1.0
+    stat_factors: tuple[float, float] = (1.0, 1.0)
+    update_factors: bool = True
+    running: tuple[float, ...] = ()
+    clipped: bool = False
+
+
+def screen(grad_norm: float, running: tuple[float, ...], *, threshold: float | None,
+           stats: tuple[float, float] | None = None, modified: float = 1.0,
+           decay: float = RUNNING_DECAY) -> Screen:
+    r"""The acceptance rule of one step for one layer, on magnitudes only (DESIGN decision 7).
+
+    Called after the whole step was checked finite (a non-finite gradient or statistic anywhere
+    skips the step with the state intact: the caller never gets here). With :math:`n = \|G\|_F`
+    the layer's gradient norm at ``step()`` (GradScaler scale divided out), :math:`h_K, h_C` the
+    average traces :math:`\operatorname{tr}(H)/d` of this period's statistics and
+    :math:`\bar n, \bar h_K, \bar h_C` their running means over earlier accepted steps:
+
+    1. **User changes of the gradient apply to the statistics.** ``modified`` is
+       :math:`\rho = \|G_{\text{step}}\| / \|G_{\text{backward}}\|` (``scaler.unscale_``,
+       ``clip_grad_norm_`` between backward and ``step()``); the gradient-side statistics are
+       quadratic in the gradient, so :math:`H_C \leftarrow \rho^2 H_C`.
+    2. **Zero gradient: no information.** :math:`n = 0` leaves the preconditioner and the running
+       means as they are (a stretch of zero gradients would otherwise inflate ``K Kᵀ``, ``C Cᵀ``
+       towards :math:`1/\lambda`).
+    3. **Outliers are clipped relative to the running means** (``threshold`` :math:`\kappa`):
+       :math:`G \leftarrow \min(1, \kappa\bar n/n)\,G`,
+       :math:`H \leftarrow \min(1, \kappa\bar h/h)\,H` for each side; nothing is clipped before
+       a running mean exists or with ``threshold=None``.
+    4. The running means move towards the clipped values:
+       :math:`\bar x \leftarrow \delta\bar x + (1-\delta)x` (:math:`\delta` = ``decay``), or
+       :math:`\bar x = x` the first time.
+
+    Args:
+        grad_norm: :math:`n`.
+        running: the running means (``(n̄,)`` or ``(n̄, h̄_K, h̄_C)``; 0 = none yet).
+        threshold: :math:`\kappa > 1`, or ``None`` (no clipping; the means are still kept).
+        stats: ``(h_K, h_C)`` on a step that updates the preconditioner, else ``None``.
+        modified: :math:`\rho`.
+        decay: :math:`\delta`.
+
+    Returns:
+        The :class:`Screen` verdict.
+    """
+    if grad_norm == 0.0:
+        return Screen(1.0, (1.0, 1.0), False, tuple(running))
+    rho2 = modified * modified
+    values = [grad_norm] + ([] if stats is None else [stats[0], stats[1] * rho2])
+    factors, new_running = [], list(running)
+    for i, value in enumerate(values):
+        mean = running[i]
+        factor = 1.0
+        if threshold is not None and mean > 0.0 and value > threshold * mean:
+            factor = threshold * mean / value
+        factors.append(factor)
+        kept = value * factor
+        new_running[i] = kept if mean <= 0.0 else decay * mean + (1.0 - decay) * kept
+    clipped = any(f < 1.0 for f in factors)
+    stat_factors = (1.0, 1.0) if stats is None else (factors[1], factors[2] * rho2)
+    return Screen(factors[0], stat_factors, True, tuple(new_running), clipped)
 
 
 def autocast_off(params: list[Tensor]) -> contextlib.ExitStack:

@@ -131,6 +131,11 @@ class WeakHook:
         owner = None if self._ref is None else self._ref()
         return None if owner is None else getattr(owner, self._method)(*args)
 
+    @property
+    def inert(self) -> bool:
+        """Whether this hook can never call anything (a copy, or its owner is gone)."""
+        return self._ref is None or self._ref() is None
+
     def __deepcopy__(self, memo: dict) -> WeakHook:
         return WeakHook(None, self._method)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -12,10 +13,12 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from structvi.optim import _compile, robust
 from structvi.optim import functional as F
 from structvi.optim import kfac
 from structvi.optim.config import check_group, factor_spec
 from structvi.optim.state import (
+    drop_inert_hooks,
     mark_callables,
     read_structure,
     restore_loaded_state,
@@ -86,7 +89,17 @@ class StructuredNGD(Optimizer):
     done, ``step()`` not yet called) are not part of the state. The data-parallel
     communication points are the methods of :attr:`reducer` (a
     :class:`~structvi.optim.functional.Reducer`; single process: no-ops). Call :meth:`close`
-    to remove the hooks.
+    to remove the hooks (they are also removed when the optimizer is garbage-collected).
+
+    Every step is screened before anything changes (:func:`structvi.optim.functional.screen`):
+    a non-finite gradient or statistic skips the whole step with the state intact (counted in
+    :attr:`skipped_steps`, warned once); gradient changes between backward and ``step()``
+    (``scaler.unscale_``, ``clip_grad_norm_``) are applied to the statistics too; a zero layer
+    gradient leaves its preconditioner alone; gradients and statistics more than
+    ``outlier_threshold`` times their running means are clipped to that bound (counted in
+    :attr:`clipped_steps`). ``copy.deepcopy`` and ``pickle`` give working optimizers bound to
+    the copied model; ``load_state_dict`` checks the saved state against this optimizer's layers
+    before it changes anything.
 
     Args:
         model: the network (not wrapped in ``DataParallel``/``DistributedDataParallel``).
@@ -119,6 +132,7 @@ class StructuredNGD(Optimizer):
         momentum_dtype: dtype of the parameter momenta (default: the parameter's dtype).
         beta2: second-moment decay of the diagonal rule.
         eps: denominator offset of the diagonal rule.
+        outlier_threshold: ``κ > 1`` of the outlier rule, or ``None`` to turn clipping off.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module`` or is wrapped in (D)DP.
@@ -138,6 +152,7 @@ class StructuredNGD(Optimizer):
         preconditioner_dtype: tuple[torch.dtype | None, torch.dtype | None] = (None, None),
         init_grad_scale: float = 1.0, normalize_lr_cov: bool = False, kfac_like: bool = False,
         momentum_dtype: torch.dtype | None = None, beta2: float = 0.999, eps: float = 1e-8,
+        outlier_threshold: float | None = robust.DEFAULT_THRESHOLD,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -151,8 +166,26 @@ class StructuredNGD(Optimizer):
             preconditioner_dtype=preconditioner_dtype, init_grad_scale=init_grad_scale,
             normalize_lr_cov=normalize_lr_cov, kfac_like=kfac_like,
             momentum_dtype=momentum_dtype, beta2=beta2, eps=eps,
+            outlier_threshold=outlier_threshold,
         )
         self.reducer: F.Reducer = F.LOCAL
+        self.skipped_steps = 0  # steps skipped for a non-finite gradient or statistic
+        self.clipped_steps = 0  # steps where the outlier rule clipped something
+        self._warned: set[str] = set()
+        self._attach(model)
+        if params is None:
+            params = [p for p in model.parameters() if p.requires_grad]
+        try:
+            super().__init__(params, defaults)
+            robust.check_params_in_model(self)
+        except Exception:
+            self.close()  # leave the model as it was
+            raise
+        self._register_state_hooks()
+
+    def _attach(self, model: nn.Module) -> None:
+        """Everything that is not state: layer tables, caches and the hooks on ``model``."""
+        self._model = model
         self._owners = kfac.supported_owners(model)
         self._layers: dict[Tensor, kfac.Layer] = {}  # weight → layer
         self._biases: dict[Tensor, kfac.Layer] = {}  # bias → layer
@@ -165,20 +198,43 @@ class StructuredNGD(Optimizer):
         # one scratch buffer per (dtype, device), the size of the largest gradient matrix: the
         # gradient is copied into it and preconditioned in place (no large allocation per step)
         self._scratch: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+        self._collecting: dict[nn.Module, bool] = {}  # layer collects statistics this step
+        self._tap_keys: dict[nn.Module, int] = {}  # layer → key of its torch.compile tap
+        self._backward_norms: dict[Tensor, Tensor] = {}  # ‖∇p‖² after the last backward
+        self._verdicts: dict[Tensor, F.Screen] = {}  # this step's screening, by weight/param
+        self._screened: dict[Tensor, tuple[Structure, Structure]] = {}  # screened (H_K, H_C)
         self._handles = [model.register_forward_pre_hook(kfac.WeakHook(self, "_count_forward"))]
         self._forward_count = self._layer_calls = 0
-        self._warned: set[str] = set()
         self._loading: dict[Tensor, dict[str, Any]] = {}
-        if params is None:
-            params = [p for p in model.parameters() if p.requires_grad]
-        try:
-            super().__init__(params, defaults)
-        except Exception:
-            self.close()  # leave the model as it was
-            raise
+        # hooks are released when the optimizer is collected (they hold it only weakly)
+        self._receiver_keys: list[int] = []
+        self._finalizer = weakref.finalize(self, robust.release, self._handles,
+                                           self._receiver_keys)
+
+    def _register_state_hooks(self) -> None:
         self.register_state_dict_post_hook(mark_callables)
         self.register_load_state_dict_pre_hook(stash_loaded_state)
         self.register_load_state_dict_post_hook(StructuredNGD._after_load)
+
+    # ------------------------------------------------------------------ copies
+    def __getstate__(self) -> dict[str, Any]:
+        """What ``copy.deepcopy`` and ``pickle`` keep: the model, state, groups and counters."""
+        return {**super().__getstate__(), "_model": self._model, "reducer": self.reducer,
+                "skipped_steps": self.skipped_steps, "clipped_steps": self.clipped_steps,
+                "_warned": set(self._warned)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Rebuild the layer tables and the hooks on the (copied) model."""
+        state = dict(state)
+        model = state.pop("_model")
+        super().__setstate__(state)
+        drop_inert_hooks(model)  # the copied model carries inert copies of the old hooks
+        self._attach(model)
+        for index in range(len(self.param_groups)):
+            for p in self.param_groups[index]["params"]:
+                self._group_index[p] = index
+            self._register_layers(index, initialize=False)
+        self._register_state_hooks()
 
     # ------------------------------------------------------------------ groups and layers
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -187,6 +243,7 @@ class StructuredNGD(Optimizer):
         index = len(self.param_groups) - 1
         try:
             check_group(self.param_groups[index], index)
+            robust.check_group(self.param_groups[index], index)
             for p in self.param_groups[index]["params"]:
                 self._group_index[p] = index
             self._register_layers(index)
@@ -195,7 +252,7 @@ class StructuredNGD(Optimizer):
                 self._group_index.pop(p, None)
             raise
 
-    def _register_layers(self, index: int) -> None:
+    def _register_layers(self, index: int, initialize: bool = True) -> None:
         group = self.param_groups[index]
         new = []
         for p in group["params"]:
@@ -217,16 +274,40 @@ class StructuredNGD(Optimizer):
                 new.append(kfac.Layer(name, module, p, other if other_index == index else None))
         specs = [self._specs(layer, group) for layer in new]  # validate before any change
         for layer, spec in zip(new, specs):
-            self._add_layer(layer, group, spec)
+            if initialize:
+                self._add_layer(layer, group, spec)
+            else:
+                self._hook_layer(layer)
 
-    def _add_layer(self, layer: kfac.Layer, group: dict[str, Any], specs: tuple[dict, dict]
-                   ) -> None:
+    def _hook_layer(self, layer: kfac.Layer) -> None:
+        """Tables and hooks of a layer (its state exists or is written by the caller)."""
         self._layers[layer.weight] = layer
         if layer.bias is not None:
             self._biases[layer.bias] = layer
         self._module_layer[layer.module] = layer
         hook = kfac.WeakHook(self, "_forward_hook")
         self._handles.append(layer.module.register_forward_hook(hook))
+        for p in (layer.weight, layer.bias):
+            if p is not None:
+                self._handles.append(p.register_post_accumulate_grad_hook(
+                    kfac.WeakHook(self, "_grad_hook")))
+        key = _compile.register_receiver(functools.partial(kfac.WeakHook(self, "_tap_backward"),
+                                                           layer))
+        self._tap_keys[layer.module] = key
+        self._receiver_keys.append(key)
+        if layer.weight in self.state:
+            self._sync_collecting(layer)
+
+    def _sync_collecting(self, layer: kfac.Layer) -> None:
+        """Whether the layer's hooks record statistics before its next step (``t mod T = 0``)."""
+        group = self.param_groups[self._group_index[layer.weight]]
+        T = group["T"]
+        step = int(self.state[layer.weight]["step"])
+        self._collecting[layer.module] = isinstance(T, int) and T >= 1 and step % T == 0
+
+    def _add_layer(self, layer: kfac.Layer, group: dict[str, Any], specs: tuple[dict, dict]
+                   ) -> None:
+        self._hook_layer(layer)
         state = self.state[layer.weight]
         set_counters(state, 0, group["init_grad_scale"])
         dtypes = self._factor_dtypes(layer, group)
@@ -237,6 +318,7 @@ class StructuredNGD(Optimizer):
             store_product(state, key, factor)
             if not group["kfac_like"]:
                 write_structure(state, "m_" + key, factor.zeros_like())
+        self._sync_collecting(layer)
 
     def _specs(self, layer: kfac.Layer, group: dict[str, Any]) -> tuple[dict, dict]:
         dim_K, dim_C = kfac.layer_dims(layer.module, layer.bias is not None)
@@ -291,22 +373,27 @@ class StructuredNGD(Optimizer):
         self._stats.clear()
         self._factor_cache.clear()
         self._gram_cache.clear()
+        self._backward_norms.clear()
         for index, group in enumerate(self.param_groups):
             check_group(group, index)
+            robust.check_group(group, index)
+        for layer in self._layers.values():
+            self._sync_collecting(layer)
 
     # ------------------------------------------------------------------ hooks
     def _count_forward(self, module: nn.Module, inputs: Any) -> None:
         del module, inputs
         self._forward_count += 1
 
-    def _forward_hook(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+    def _forward_hook(self, module: nn.Module, inputs: tuple[Any, ...], output: Any
+                      ) -> Tensor | None:
         layer = self._module_layer.get(module)
         if (layer is None or not inputs or not torch.is_grad_enabled()
-                or not isinstance(output, Tensor) or not output.requires_grad):
-            return
-        group = self.param_groups[self._group_index[layer.weight]]
-        if int(self.state[layer.weight]["step"]) % group["T"] != 0:
-            return
+                or not isinstance(output, Tensor) or not output.requires_grad
+                or not self._collecting.get(module, False)):
+            return None
+        if torch.compiler.is_compiling():  # no tensor hook (Dynamo would trace its body)
+            return _compile.tap(output, inputs[0], self._tap_keys[module])
         # Loss terms are counted once per forward pass of `model` (a layer called twice in one
         # forward shares them); if `model` itself is never called, once per layer call.
         self._layer_calls += 1
@@ -314,8 +401,19 @@ class StructuredNGD(Optimizer):
         hook = functools.partial(self._backward_hook, layer, inputs[0].detach(), forward_id,
                                  output.shape)
         kfac.hookable(output).register_hook(hook)
+        return None
 
-    def _backward_hook(self, layer: kfac.Layer, x: Tensor, forward_id: int, shape: torch.Size,
+    def _tap_backward(self, layer: kfac.Layer, x: Tensor, grad: Tensor) -> None:
+        """Statistics from a compiled model's tap (one forward id per backward pass)."""
+        self._backward_hook(layer, x, ("compiled", self._forward_count), grad.shape, grad)
+
+    def _grad_hook(self, param: Tensor) -> None:
+        """After backward accumulated ``param.grad``: keep ``‖∇p‖²`` for the screening."""
+        layer = self._layers.get(param) or self._biases.get(param)
+        if layer is not None and self._collecting.get(layer.module, False):
+            self._backward_norms[param] = robust.squared_norm(param.grad)
+
+    def _backward_hook(self, layer: kfac.Layer, x: Tensor, forward_id: Any, shape: torch.Size,
                        grad: Tensor) -> None:
         grad = grad.reshape(shape)
         group = self.param_groups[self._group_index[layer.weight]]
@@ -339,9 +437,7 @@ class StructuredNGD(Optimizer):
 
     def close(self) -> None:
         """Remove every hook this optimizer installed (the optimizer keeps its state)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        robust.release(self._handles, self._receiver_keys)
         self._stats.clear()
 
     # ------------------------------------------------------------------ step
@@ -355,26 +451,34 @@ class StructuredNGD(Optimizer):
         scale, skip = self._amp_scale()
         if skip:  # GradScaler found inf/NaN: no update, statistics dropped, steps counted
             self._stats.clear()
-            for weight in self._layers:
+            self._backward_norms.clear()
+            for weight, layer in self._layers.items():
                 set_counters(self.state[weight], int(self.state[weight]["step"]) + 1, scale)
+                self._sync_collecting(layer)
             return loss
-        for group in self.param_groups:
-            with F.autocast_off(group["params"]):
-                for p in group["params"]:
-                    if p in self._layers:
-                        self._layer_step(self._layers[p], group, scale)
-                    elif p not in self._biases and p.grad is not None:
-                        self._diagonal_step(p, group, scale)
+        robust.check_groups_for_step(self)
+        if not robust.screen_step(self, scale):  # non-finite: skipped, state intact
+            return loss
+        try:
+            for group in self.param_groups:
+                with F.autocast_off(group["params"]):
+                    for p in group["params"]:
+                        if p in self._layers:
+                            self._layer_step(self._layers[p], group, scale)
+                        elif p not in self._biases and p.grad is not None:
+                            self._diagonal_step(p, group, scale)
+        finally:
+            self._verdicts.clear()
+            self._screened.clear()
+            self._backward_norms.clear()
         return loss
 
     def _amp_scale(self) -> tuple[float, bool]:
         """``(s_t, skip)`` from the attributes ``GradScaler.step`` sets on this optimizer."""
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        if found_inf is not None and grad_scale is None:
-            raise RuntimeError("StructuredNGD: scaler.unscale_(optimizer) before step() is not "
-                               "supported (its statistics need the scale of the backward pass); "
-                               "clip gradients without unscale_ or do not use a GradScaler")
+        # after scaler.unscale_(optimizer) the gradients are unscaled (grad_scale is None): the
+        # screening rescales the statistics by the observed gradient change instead
         scale = 1.0 if grad_scale is None else float(grad_scale)
         return scale, found_inf is not None and bool(found_inf)
 
@@ -385,9 +489,12 @@ class StructuredNGD(Optimizer):
             return
         step = int(state["step"])
         factors = self._factors(layer)
-        if step % group["T"] == 0:
+        verdict = self._verdicts.get(layer.weight, F.Screen())
+        if step % group["T"] == 0 and verdict.update_factors:
             factors = self._update_factors(layer, group, factors, stats, scale)
         G = kfac.gradient_matrix(layer, scale, self._scratch_matrix(layer))
+        if verdict.grad_factor != 1.0:
+            G.mul_(verdict.grad_factor)
         KKt, CCt = state.get("KKt"), state.get("CCt")
         if KKt is None or CCt is None:
             cached = self._gram_cache.get(layer.weight)
@@ -404,6 +511,8 @@ class StructuredNGD(Optimizer):
                             lr=group["lr"], momentum=group["momentum"],
                             weight_decay=group["weight_decay"])
         set_counters(state, step + 1, scale)
+        robust.write_running(state, verdict)
+        self._sync_collecting(layer)
 
     def _scratch_matrix(self, layer: kfac.Layer) -> Tensor:
         """A ``(d_C, d_K)`` view of the shared scratch buffer for the layer's gradient matrix."""
@@ -425,7 +534,8 @@ class StructuredNGD(Optimizer):
                               f"{layer.name!r} (its forward hook did not run before backward); "
                               "its preconditioner is not updated", stacklevel=4)
             return factors
-        H_K, H_C = self.reducer.statistics(*stats.finalize(), group["loss_average"])
+        H_K, H_C = self.reducer.statistics(*robust.screened_statistics(self, layer, stats),
+                                           group["loss_average"])
         state = self.state[layer.weight]
         new = F.update_preconditioner(
             factors, H_K, H_C, lr_cov=F.schedule(group["lr_cov"], int(state["step"])),
@@ -453,6 +563,9 @@ class StructuredNGD(Optimizer):
 
     def _diagonal_step(self, param: Tensor, group: dict[str, Any], scale: float) -> None:
         grad = param.grad if scale == 1.0 else param.grad / scale
+        verdict = self._verdicts.get(param, F.Screen())
+        if verdict.grad_factor != 1.0:
+            grad = grad * verdict.grad_factor
         grad = self.reducer.gradient(grad, group["loss_average"])
         state = self.state[param]
         if "step" not in state:
@@ -464,3 +577,4 @@ class StructuredNGD(Optimizer):
         F.diagonal_step(param, grad, state["exp_avg"], state["exp_avg_sq"], step,
                         lr=group["lr"], momentum=group["momentum"], beta2=group["beta2"],
                         eps=group["eps"], weight_decay=group["weight_decay"])
+        robust.write_running(state, verdict)

@@ -15,15 +15,17 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from structvi.optim._load_check import check_state_dict
 from structvi.optim.functional import dense_product
+from structvi.optim.kfac import WeakHook
 from structvi.structures.base import Structure
 from structvi.structures.registry import get_structure_class, structure_from_spec
 
-__all__ = ["mark_callables", "read_structure", "restore_loaded_state", "set_counters",
-           "stash_loaded_state", "store_product", "write_structure"]
+__all__ = ["drop_inert_hooks", "mark_callables", "read_structure", "restore_loaded_state",
+           "set_counters", "stash_loaded_state", "store_product", "write_structure"]
 
 CALLABLE = "<callable: kept from the optimizer that loads this state>"
 
@@ -63,11 +65,21 @@ def mark_callables(optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[str
     return state_dict
 
 
-def stash_loaded_state(optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
-    """``load_state_dict`` pre-hook: remember the saved per-parameter state as it is.
+def drop_inert_hooks(model: nn.Module) -> None:
+    """Remove the inert copies of an optimizer's hooks that a copied model carries."""
+    for module in model.modules():
+        for hooks in (module._forward_hooks, module._forward_pre_hooks):
+            for key in [k for k, h in hooks.items() if isinstance(h, WeakHook) and h.inert]:
+                del hooks[key]
 
+
+def stash_loaded_state(optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """``load_state_dict`` pre-hook: check, then remember the saved per-parameter state as it is.
+
+    Nothing changes when the check fails (:func:`structvi.optim._load_check.check_state_dict`).
     Also puts back the loading optimizer's callables where the saved groups have the marker.
     """
+    check_state_dict(optimizer, state_dict)
     saved_groups = state_dict["param_groups"]
     ids = [i for g in saved_groups for i in g["params"]]
     params = [p for g in optimizer.param_groups for p in g["params"]]

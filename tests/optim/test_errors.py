@@ -77,14 +77,3 @@ def test_wrapped_or_non_module_models():
         StructuredNGD([nn.Linear(2, 2)])
     with pytest.raises(TypeError, match="must not be wrapped in DataParallel"):
         StructuredNGD(nn.DataParallel(mlp()))
-
-
-def test_unscaled_gradients_are_refused():
-    net = mlp()
-    opt = StructuredNGD(net)
-    scaler = torch.amp.GradScaler("cpu")
-    x = torch.randn(4, 3, 5, dtype=torch.float64)
-    scaler.scale(net(x).sum()).backward()
-    scaler.unscale_(opt)
-    with pytest.raises(RuntimeError, match=r"scaler.unscale_\(optimizer\) before step\(\)"):
-        scaler.step(opt)

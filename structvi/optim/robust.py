@@ -1,0 +1,235 @@
+"""The optimizer side of the acceptance rule: gathering magnitudes, applying verdicts, checks.
+
+The rule itself is :func:`structvi.optim.functional.screen` (pure, on numbers). Here the shell
+gathers what it needs in **one** host synchronization per step — squared gradient norms (in
+float64, so a 1e20 spike does not overflow), the largest entry and the trace of each statistic —
+decides whether the step runs at all, and keeps the verdicts for the update. Also: the checks of
+group values when ``step()`` reads them, of ``params`` against ``model``, and the release of
+hooks.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from structvi.optim import _compile
+from structvi.optim import functional as F
+from structvi.optim.config import check_group as _check_core_group
+
+if TYPE_CHECKING:
+    from structvi.optim.optimizer import StructuredNGD
+
+__all__ = ["DEFAULT_THRESHOLD", "check_group", "check_groups_for_step", "check_params_in_model",
+           "release", "screen_step", "screened_statistics", "squared_norm", "write_running"]
+
+DEFAULT_THRESHOLD = 10.0
+RUNNING_KEY = "outlier_mean"
+
+
+def squared_norm(t: Tensor) -> Tensor:
+    """``‖t‖²`` accumulated in float64 (a 0-d tensor on ``t``'s device; no synchronization)."""
+    return torch.linalg.vector_norm(t.detach(), dtype=torch.float64).square()
+
+
+def check_group(group: dict[str, Any], index: int) -> None:
+    """Validate the robustness options of a group (``outlier_threshold``)."""
+    value = group.get("outlier_threshold", DEFAULT_THRESHOLD)
+    ok = value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)
+                           and math.isfinite(value) and value > 1.0)
+    if not ok:
+        where = "" if index == 0 else f" (param group {index})"
+        raise ValueError(f"outlier_threshold{where} must be a finite number > 1 or None (no "
+                         f"clipping), got outlier_threshold={value!r}")
+
+
+def check_groups_for_step(opt: StructuredNGD) -> None:
+    """Re-validate every group when ``step()`` reads it (values may be set after construction)."""
+    for index, group in enumerate(opt.param_groups):
+        try:
+            _check_core_group(group, index)
+            check_group(group, index)
+        except ValueError as err:
+            raise ValueError(f"{err}; step() read it from param_groups[{index}] (set after "
+                             "construction?): set a valid value before calling step()") from err
+
+
+def check_params_in_model(opt: StructuredNGD) -> None:
+    """``params`` must come from ``model``; foreign tensors get the diagonal rule (warning)."""
+    owned = {id(p) for p in opt._model.parameters()}
+    params = [p for g in opt.param_groups for p in g["params"]]
+    foreign = [p for p in params if id(p) not in owned]
+    if not foreign:
+        return
+    shapes = [tuple(p.shape) for p in foreign[:4]] + (["..."] if len(foreign) > 4 else [])
+    if len(foreign) == len(params):
+        raise ValueError(
+            f"params: none of the {len(params)} parameters (shapes {shapes}) is a parameter of "
+            f"model ({type(opt._model).__name__}); pass the model these parameters belong to, "
+            "or params=model.parameters()")
+    warnings.warn(
+        f"StructuredNGD: {len(foreign)} of the {len(params)} parameters (shapes {shapes}) are not "
+        f"parameters of model ({type(opt._model).__name__}); they follow the diagonal rule "
+        "without a Kronecker preconditioner. Pass the model they belong to if they should be "
+        "preconditioned.", stacklevel=3)
+
+
+def release(handles: list, keys: list[int]) -> None:
+    """Remove hook handles and compile-tap receivers (``close()`` and garbage collection)."""
+    for handle in handles:
+        handle.remove()
+    handles.clear()
+    _compile.release_receivers(keys)
+    keys.clear()
+
+
+def _running(state: dict[str, Any], size: int) -> tuple[float, ...]:
+    saved = state.get(RUNNING_KEY)
+    if not isinstance(saved, Tensor) or saved.numel() != size:
+        return (0.0,) * size
+    return tuple(saved.tolist())
+
+
+def write_running(state: dict[str, Any], verdict: F.Screen) -> None:
+    """Store the verdict's running means (a float64 CPU tensor in the parameter's state)."""
+    if verdict.running:
+        state[RUNNING_KEY] = torch.tensor(verdict.running, dtype=torch.float64)
+
+
+class _Entry:
+    """One layer or diagonal-rule parameter being screened: where its values are."""
+
+    def __init__(self, key: Tensor, name: str, group: dict[str, Any], start: int,
+                 stats: tuple | None = None, layer: Any = None) -> None:
+        self.key, self.name, self.group, self.start = key, name, group, start
+        self.stats, self.layer = stats, layer
+
+
+def _gather(opt: StructuredNGD) -> tuple[list[_Entry], list[Tensor]]:
+    entries: list[_Entry] = []
+    values: list[Tensor] = []
+    names = {id(p): n for n, p in opt._model.named_parameters()}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            layer = opt._layers.get(p)
+            if layer is not None:
+                if p.grad is None:
+                    continue
+                parts = [q for q in (layer.weight, layer.bias) if q is not None and q.grad
+                         is not None]
+                now = sum(squared_norm(q.grad) for q in parts)
+                backward = [opt._backward_norms.get(q) for q in parts]
+                before = (sum(backward) if all(b is not None for b in backward)
+                          else torch.tensor(-1.0, dtype=torch.float64, device=p.device))
+                entry = _Entry(p, f"layer {layer.name!r}", group, len(values), layer=layer)
+                values += [now, before]
+                stats = opt._stats.get(p)
+                if stats is not None and int(opt.state[p]["step"]) % group["T"] == 0:
+                    H_K, H_C = stats.finalize()
+                    entry.stats = (H_K, H_C)
+                    values += [H_K.max_abs().double(), H_K.trace().double(),
+                               H_C.max_abs().double(), H_C.trace().double()]
+                entries.append(entry)
+            elif p not in opt._biases and p.grad is not None:
+                entries.append(_Entry(p, f"parameter {names.get(id(p), tuple(p.shape))!r}",
+                                      group, len(values)))
+                values.append(squared_norm(p.grad))
+    return entries, values
+
+
+def _to_host(values: list[Tensor]) -> list[float]:
+    """All values as floats with one transfer per device."""
+    out: list[float] = [0.0] * len(values)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, v in enumerate(values):
+        by_device.setdefault(v.device, []).append(i)
+    for indices in by_device.values():
+        host = torch.stack([values[i] for i in indices]).cpu().tolist()
+        for i, v in zip(indices, host):
+            out[i] = v
+    return out
+
+
+def screen_step(opt: StructuredNGD, scale: float) -> bool:
+    """Screen the whole step; ``False``: skipped (non-finite), with the state untouched.
+
+    On ``True`` the verdicts are in ``opt._verdicts`` and the screened statistics in
+    ``opt._screened`` for the update.
+    """
+    entries, values = _gather(opt)
+    host = _to_host(values)
+    bad = next((e for e in entries if not _finite(e, host)), None)
+    if bad is not None:
+        _skip(opt, bad.name)
+        return False
+    clipped = None
+    for e in entries:
+        verdict = _verdict(opt, e, host, scale)
+        opt._verdicts[e.key] = verdict
+        if verdict.clipped and clipped is None:
+            clipped = e.name
+        if e.stats is not None and verdict.update_factors:
+            f_K, f_C = verdict.stat_factors
+            H_K, H_C = e.stats
+            opt._screened[e.key] = (H_K if f_K == 1.0 else H_K.scale(f_K),
+                                    H_C if f_C == 1.0 else H_C.scale(f_C))
+    if clipped is not None:
+        opt.clipped_steps += 1
+        _warn_once(opt, "clipped", f"StructuredNGD: an outlier gradient or statistic of "
+                   f"{clipped} was clipped to outlier_threshold times its running mean; further "
+                   "clips are counted in optimizer.clipped_steps without a warning")
+    return True
+
+
+def _finite(e: _Entry, host: list[float]) -> bool:
+    count = 1 if e.layer is None else (2 + (4 if e.stats is not None else 0))
+    values = host[e.start:e.start + count]
+    if e.layer is not None:
+        values = values[:1] + values[2:]  # the backward norm is informative only
+    return all(math.isfinite(v) for v in values)
+
+
+def _verdict(opt: StructuredNGD, e: _Entry, host: list[float], scale: float) -> F.Screen:
+    kappa = e.group.get("outlier_threshold", DEFAULT_THRESHOLD)
+    state = opt.state[e.key]
+    now = math.sqrt(host[e.start])
+    if e.layer is None:
+        return F.screen(now / scale, _running(state, 1), threshold=kappa)
+    before = host[e.start + 1]
+    modified = math.sqrt(host[e.start] / before) if before > 0.0 and math.isfinite(before) \
+        else 1.0
+    stats = None
+    if e.stats is not None:
+        H_K, H_C = e.stats
+        unscale = float(state["grad_scale"]) / scale**2
+        stats = (host[e.start + 3] / H_K.dim, host[e.start + 5] * unscale / H_C.dim)
+    return F.screen(now / scale, _running(state, 3), threshold=kappa, stats=stats,
+                    modified=modified)
+
+
+def _skip(opt: StructuredNGD, name: str) -> None:
+    opt._stats.clear()
+    opt._backward_norms.clear()
+    opt.skipped_steps += 1
+    _warn_once(opt, "skipped", f"StructuredNGD: step skipped, the gradient or the curvature "
+               f"statistics of {name} are not finite (NaN/inf loss or input?); parameters and "
+               "optimizer state are unchanged. Further skips are counted in "
+               "optimizer.skipped_steps without a warning")
+
+
+def _warn_once(opt: StructuredNGD, key: str, message: str) -> None:
+    if key not in opt._warned:
+        opt._warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def screened_statistics(opt: StructuredNGD, layer: Any, stats: Any) -> tuple:
+    """``(H_K, H_C)`` of this step as screened (or finalized now, if not screened)."""
+    screened = opt._screened.pop(layer.weight, None)
+    return screened if screened is not None else stats.finalize()
+
+
