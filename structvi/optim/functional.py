@@ -366,9 +366,9 @@ def screen(grad_norm: float, running: tuple[float, ...], *, threshold: float | N
        means as they are (a stretch of zero gradients would otherwise inflate ``K Kᵀ``, ``C Cᵀ``
        towards :math:`1/\lambda`).
     3. **Outliers are clipped relative to the running means** (``threshold`` :math:`\kappa`):
-       :math:`G \leftarrow \min(1, \kappa\bar n/n)\,G`,
-       :math:`H \leftarrow \min(1, \kappa\bar h/h)\,H` for each side; nothing is clipped before
-       a running mean exists or with ``threshold=None``.
+       :math:`G \leftarrow \min(1, \kappa\bar n/n)\,G` and, the statistics being quadratic in
+       the gradient, :math:`H \leftarrow \min(1, \kappa^2\bar h/h)\,H` for each side; nothing
+       is clipped before a running mean exists or with ``threshold=None``.
     4. The running means move towards the clipped values:
        :math:`\bar x \leftarrow \delta\bar x + (1-\delta)x` (:math:`\delta` = ``decay``), or
        :math:`\bar x = x` the first time.
@@ -392,8 +392,9 @@ def screen(grad_norm: float, running: tuple[float, ...], *, threshold: float | N
     for i, value in enumerate(values):
         mean = running[i]
         factor = 1.0
-        if threshold is not None and mean > 0.0 and value > threshold * mean:
-            factor = threshold * mean / value
+        bound = None if threshold is None else threshold * (threshold if i else 1.0)
+        if bound is not None and mean > 0.0 and value > bound * mean:
+            factor = bound * mean / value
         factors.append(factor)
         kept = value * factor
         new_running[i] = kept if mean <= 0.0 else decay * mean + (1.0 - decay) * kept

@@ -224,10 +224,16 @@ class StructuredNGD(Optimizer):
                 "_warned": set(self._warned)}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        """Rebuild the layer tables and the hooks on the (copied) model."""
+        """Rebuild the layer tables and the hooks on the (copied) model.
+
+        ``Optimizer.load_state_dict`` also calls this with ``state`` and ``param_groups`` only:
+        that is an update of this optimizer, not a copy.
+        """
         state = dict(state)
-        model = state.pop("_model")
+        model = state.pop("_model", None)
         super().__setstate__(state)
+        if model is None:
+            return
         drop_inert_hooks(model)  # the copied model carries inert copies of the old hooks
         self._attach(model)
         for index in range(len(self.param_groups)):
