@@ -95,10 +95,12 @@ def _check_param(opt: Optimizer, p: Tensor, entry: Mapping[str, Any] | None, str
     where = f"layer {layer.name!r} (weight {tuple(p.shape)})"
     if entry is None:
         return [f"{where}: the saved state has no entry for this layer"]
-    if not any(str(k).startswith("K.") for k in entry) and "exp_avg" in entry:
-        return [f"{where}: the saved state holds the diagonal-rule (AdamW) state of a parameter "
-                f"of shape {tuple(entry['exp_avg'].shape)} instead of a preconditioner; the "
-                "parameters are in another order than when saved (or from another model)"]
+    if not any(str(k).startswith(("K.", "C.", "m_K.", "m_C.")) for k in entry):
+        held = {k: tuple(v.shape) for k, v in entry.items() if isinstance(v, Tensor)}
+        kind = "the diagonal-rule (AdamW) state" if "exp_avg" in entry else "the state"
+        return [f"{where}: the saved state holds {kind} of another parameter ({held}) instead "
+                "of a preconditioner; the parameters are in another order than when saved (or "
+                "from another model)"]
     try:
         expected = _expected(layer, structures, kfac_like)
     except ValueError as err:
