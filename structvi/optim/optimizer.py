@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -14,16 +13,14 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from structvi.optim import _compile, robust
+from structvi.optim._lifecycle import Lifecycle
 from structvi.optim import functional as F
 from structvi.optim import kfac
 from structvi.optim.config import check_group, factor_spec
 from structvi.optim.state import (
-    drop_inert_hooks,
-    mark_callables,
     read_structure,
     restore_loaded_state,
     set_counters,
-    stash_loaded_state,
     store_product,
     write_structure,
 )
@@ -33,7 +30,7 @@ from structvi.structures.registry import make_structure
 __all__ = ["StructuredNGD"]
 
 
-class StructuredNGD(Optimizer):
+class StructuredNGD(Lifecycle, Optimizer):
     r"""Structured inverse-free natural-gradient descent (INGD/SINGD, Lin et al. 2023, 2024).
 
     Every ``nn.Linear`` (any leading dimensions) and ``nn.Conv2d`` (stride, padding, dilation,
@@ -183,65 +180,6 @@ class StructuredNGD(Optimizer):
             raise
         self._register_state_hooks()
 
-    def _attach(self, model: nn.Module) -> None:
-        """Everything that is not state: layer tables, caches and the hooks on ``model``."""
-        self._model = model
-        self._owners = kfac.supported_owners(model)
-        self._layers: dict[Tensor, kfac.Layer] = {}  # weight → layer
-        self._biases: dict[Tensor, kfac.Layer] = {}  # bias → layer
-        self._module_layer: dict[nn.Module, kfac.Layer] = {}
-        self._group_index: dict[Tensor, int] = {}
-        self._stats: dict[Tensor, kfac.KroneckerStatistics] = {}
-        self._factor_cache: dict[Tensor, F.FactorState] = {}
-        # weight → (factors, K Kᵀ, C Cᵀ) as SparseGram (not state: rebuilt from the factors)
-        self._gram_cache: dict[Tensor, tuple[F.FactorState, Any, Any]] = {}
-        # one scratch buffer per (dtype, device), the size of the largest gradient matrix: the
-        # gradient is copied into it and preconditioned in place (no large allocation per step)
-        self._scratch: dict[tuple[torch.dtype, torch.device], Tensor] = {}
-        self._collecting: dict[nn.Module, bool] = {}  # layer collects statistics this step
-        self._tap_keys: dict[nn.Module, int] = {}  # layer → key of its torch.compile tap
-        self._backward_norms: dict[Tensor, Tensor] = {}  # ‖∇p‖² after the last backward
-        self._verdicts: dict[Tensor, F.Screen] = {}  # this step's screening, by weight/param
-        self._screened: dict[Tensor, tuple[Structure, Structure]] = {}  # screened (H_K, H_C)
-        self._handles = [model.register_forward_pre_hook(kfac.WeakHook(self, "_count_forward"))]
-        self._forward_count = self._layer_calls = 0
-        self._loading: dict[Tensor, dict[str, Any]] = {}
-        # hooks are released when the optimizer is collected (they hold it only weakly)
-        self._receiver_keys: list[int] = []
-        self._finalizer = weakref.finalize(self, robust.release, self._handles,
-                                           self._receiver_keys)
-
-    def _register_state_hooks(self) -> None:
-        self.register_state_dict_post_hook(mark_callables)
-        self.register_load_state_dict_pre_hook(stash_loaded_state)
-        self.register_load_state_dict_post_hook(StructuredNGD._after_load)
-
-    # ------------------------------------------------------------------ copies
-    def __getstate__(self) -> dict[str, Any]:
-        """What ``copy.deepcopy`` and ``pickle`` keep: the model, state, groups and counters."""
-        return {**super().__getstate__(), "_model": self._model, "reducer": self.reducer,
-                "skipped_steps": self.skipped_steps, "clipped_steps": self.clipped_steps,
-                "_warned": set(self._warned)}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        """Rebuild the layer tables and the hooks on the (copied) model.
-
-        ``Optimizer.load_state_dict`` also calls this with ``state`` and ``param_groups`` only:
-        that is an update of this optimizer, not a copy.
-        """
-        state = dict(state)
-        model = state.pop("_model", None)
-        super().__setstate__(state)
-        if model is None:
-            return
-        drop_inert_hooks(model)  # the copied model carries inert copies of the old hooks
-        self._attach(model)
-        for index in range(len(self.param_groups)):
-            for p in self.param_groups[index]["params"]:
-                self._group_index[p] = index
-            self._register_layers(index, initialize=False)
-        self._register_state_hooks()
-
     # ------------------------------------------------------------------ groups and layers
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (validated); its ``Linear``/``Conv2d`` weights get preconditioners."""
@@ -284,32 +222,6 @@ class StructuredNGD(Optimizer):
                 self._add_layer(layer, group, spec)
             else:
                 self._hook_layer(layer)
-
-    def _hook_layer(self, layer: kfac.Layer) -> None:
-        """Tables and hooks of a layer (its state exists or is written by the caller)."""
-        self._layers[layer.weight] = layer
-        if layer.bias is not None:
-            self._biases[layer.bias] = layer
-        self._module_layer[layer.module] = layer
-        hook = kfac.WeakHook(self, "_forward_hook")
-        self._handles.append(layer.module.register_forward_hook(hook))
-        for p in (layer.weight, layer.bias):
-            if p is not None:
-                self._handles.append(p.register_post_accumulate_grad_hook(
-                    kfac.WeakHook(self, "_grad_hook")))
-        key = _compile.register_receiver(functools.partial(kfac.WeakHook(self, "_tap_backward"),
-                                                           layer))
-        self._tap_keys[layer.module] = key
-        self._receiver_keys.append(key)
-        if layer.weight in self.state:
-            self._sync_collecting(layer)
-
-    def _sync_collecting(self, layer: kfac.Layer) -> None:
-        """Whether the layer's hooks record statistics before its next step (``t mod T = 0``)."""
-        group = self.param_groups[self._group_index[layer.weight]]
-        T = group["T"]
-        step = int(self.state[layer.weight]["step"])
-        self._collecting[layer.module] = isinstance(T, int) and T >= 1 and step % T == 0
 
     def _add_layer(self, layer: kfac.Layer, group: dict[str, Any], specs: tuple[dict, dict]
                    ) -> None:
@@ -408,16 +320,6 @@ class StructuredNGD(Optimizer):
                                  output.shape)
         kfac.hookable(output).register_hook(hook)
         return None
-
-    def _tap_backward(self, layer: kfac.Layer, x: Tensor, grad: Tensor) -> None:
-        """Statistics from a compiled model's tap (one forward id per backward pass)."""
-        self._backward_hook(layer, x, ("compiled", self._forward_count), grad.shape, grad)
-
-    def _grad_hook(self, param: Tensor) -> None:
-        """After backward accumulated ``param.grad``: keep ``‖∇p‖²`` for the screening."""
-        layer = self._layers.get(param) or self._biases.get(param)
-        if layer is not None and self._collecting.get(layer.module, False):
-            self._backward_norms[param] = robust.squared_norm(param.grad)
 
     def _backward_hook(self, layer: kfac.Layer, x: Tensor, forward_id: Any, shape: torch.Size,
                        grad: Tensor) -> None:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from structvi.optim import StructuredNGD
-from tests.optim.helpers import batches, mlp, seq_loss
+from tests.optim.helpers import batches, seq_loss
 
 KW = dict(lr=0.05, T=3, lr_cov=0.1, weight_decay=1e-2)
 
