@@ -128,7 +128,9 @@ def _gather(opt: StructuredNGD) -> tuple[list[_Entry], list[Tensor]]:
                 entry = _Entry(p, f"layer {layer.name!r}", group, len(values), layer=layer)
                 values += [now, before]
                 stats = opt._stats.get(p)
-                if stats is not None and int(opt.state[p]["step"]) % group["T"] == 0:
+                step = int(opt.state[p]["step"])
+                if stats is not None and step % group["T"] == 0:
+                    F.schedule(group["lr_cov"], step)  # a bad schedule value fails before changes
                     H_K, H_C = stats.finalize()
                     entry.stats = (H_K, H_C)
                     values += [H_K.max_abs().double(), H_K.trace().double(),

@@ -170,9 +170,12 @@ def test_a_bad_lr_cov_schedule_value_is_an_error(value):
     net = mlp()
     opt = StructuredNGD(net, lr_cov=lambda step: value)
     seq_loss(net, *batches((4, 3, 5), 6, 1)[0]).backward()
+    params, state = copy.deepcopy(list(net.parameters())), _snapshot(opt)
     with pytest.raises(ValueError, match=r"lr_cov: the callable lr_cov returned .* at step 0; "
                                          r"expected a finite number >= 0"):
         opt.step()
+    _assert_snapshot(opt, state)  # raised before any layer changed
+    assert all(torch.equal(p, q) for p, q in zip(params, net.parameters()))
 
 
 def test_params_of_another_model_are_an_error():
