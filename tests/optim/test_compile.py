@@ -32,11 +32,13 @@ def _train(net: nn.Module, forward: nn.Module, steps: int, dtype: torch.dtype) -
 
 def _compare(backend: str, dtype: torch.dtype, rtol: float) -> None:
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     eager, compiled = _cnn_with_batchnorm(dtype), _cnn_with_batchnorm(dtype)
-    _train(eager, eager, 4, dtype)
+    _train(eager, eager, 6, dtype)
     # fullgraph: any graph break in the hooks raises; T = 2 gives one recompilation at most
     # (the steps that collect statistics and those that do not)
-    opt = _train(compiled, torch.compile(compiled, backend=backend, fullgraph=True), 4, dtype)
+    opt = _train(compiled, torch.compile(compiled, backend=backend, fullgraph=True), 6, dtype)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2
     assert opt.statistics(compiled[0]) is None  # statistics were consumed, not left pending
     for p, q in zip(eager.parameters(), compiled.parameters()):
         torch.testing.assert_close(p, q, rtol=rtol, atol=rtol)
