@@ -124,7 +124,13 @@ class Lifecycle:
         self._backward_hook(layer, x, ("compiled", self._forward_count), grad.shape, grad)
 
     def _grad_hook(self, param: Tensor) -> None:
-        """After backward accumulated ``param.grad``: keep ``‖∇p‖²`` for the screening."""
+        """After backward accumulated ``param.grad``: keep ``‖∇p‖²`` for the screening.
+
+        Single process only: with a data-parallel reducer the gradient may be being all-reduced
+        in place at this point, so no norm is kept and the statistics are not rescaled.
+        """
+        if not isinstance(self.reducer, F.LocalReducer):
+            return
         layer = self._layers.get(param) or self._biases.get(param)
         if layer is not None and self._collecting.get(layer.module, False):
             self._backward_norms[param] = robust.squared_norm(param.grad)
