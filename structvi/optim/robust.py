@@ -112,7 +112,6 @@ class _Entry:
 def _gather(opt: StructuredNGD) -> tuple[list[_Entry], list[Tensor]]:
     entries: list[_Entry] = []
     values: list[Tensor] = []
-    names = {id(p): n for n, p in opt._model.named_parameters()}
     for group in opt.param_groups:
         for p in group["params"]:
             layer = opt._layers.get(p)
@@ -137,8 +136,7 @@ def _gather(opt: StructuredNGD) -> tuple[list[_Entry], list[Tensor]]:
                                H_C.max_abs().double(), H_C.trace().double()]
                 entries.append(entry)
             elif p not in opt._biases and p.grad is not None:
-                entries.append(_Entry(p, f"parameter {names.get(id(p), tuple(p.shape))!r}",
-                                      group, len(values)))
+                entries.append(_Entry(p, "", group, len(values)))  # named only if needed
                 values.append(squared_norm(p.grad))
     return entries, values
 
@@ -166,14 +164,14 @@ def screen_step(opt: StructuredNGD, scale: float) -> bool:
     host = _to_host(values)
     bad = next((e for e in entries if not _finite(e, host)), None)
     if bad is not None:
-        _skip(opt, bad.name)
+        _skip(opt, _name(opt, bad))
         return False
     clipped = None
     for e in entries:
         verdict = _verdict(opt, e, host, scale)
         opt._verdicts[e.key] = verdict
         if verdict.clipped and clipped is None:
-            clipped = e.name
+            clipped = _name(opt, e)
         if e.stats is not None and verdict.update_factors:
             f_K, f_C = verdict.stat_factors
             H_K, H_C = e.stats
@@ -185,6 +183,13 @@ def screen_step(opt: StructuredNGD, scale: float) -> bool:
                    f"{clipped} was clipped to outlier_threshold times its running mean; further "
                    "clips are counted in optimizer.clipped_steps without a warning")
     return True
+
+
+def _name(opt: StructuredNGD, e: _Entry) -> str:
+    if e.name:
+        return e.name
+    name = next((n for n, p in opt._model.named_parameters() if p is e.key), tuple(e.key.shape))
+    return f"parameter {name!r}"
 
 
 def _finite(e: _Entry, host: list[float]) -> bool:

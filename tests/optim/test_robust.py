@@ -193,3 +193,15 @@ def test_params_of_another_model_are_an_error():
 def test_outlier_threshold_is_validated():
     with pytest.raises(ValueError, match=r"outlier_threshold must be a finite number > 1 or None"):
         StructuredNGD(mlp(), outlier_threshold=0.5)
+
+
+def test_the_skip_warning_names_the_parameter():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 7), nn.LayerNorm(7), nn.Tanh(), nn.Linear(7, 6)).double()
+    opt = StructuredNGD(net)
+    seq_loss(net, *batches((4, 3, 5), 6, 1)[0]).backward()
+    net[1].weight.grad[2] = float("inf")
+    with pytest.warns(RuntimeWarning, match=r"step skipped, the gradient or the curvature "
+                                            r"statistics of parameter '1.weight' are not finite"):
+        opt.step()
+    assert opt.skipped_steps == 1
