@@ -119,7 +119,7 @@ def _dtype_pair(value: Any, where: str) -> None:
 def check_group(group: dict[str, Any], index: int) -> None:
     """Validate a filled parameter group in place (``structures`` is normalized)."""
     where = "" if index == 0 else f" (param group {index})"
-    for name in ("lr", "damping", "weight_decay"):
+    for name in ("lr", "damping", "weight_decay", "diagonal_lr_ratio"):
         _number(name, group[name], where)
     for name in ("momentum", "alpha1", "beta2"):
         _number(name, group[name], where, upper=1.0)
@@ -140,7 +140,7 @@ def check_group(group: dict[str, Any], index: int) -> None:
     if md is not None and not (isinstance(md, torch.dtype) and md.is_floating_point):
         raise ValueError(f"momentum_dtype{where} must be a floating torch.dtype or None, "
                          f"got momentum_dtype={md!r}")
-    for name in ("kfac_like", "normalize_lr_cov"):
+    for name in ("kfac_like", "normalize_lr_cov", "relative_damping", "normalize_preconditioner"):
         if not isinstance(group[name], bool):
             raise ValueError(f"{name}{where} must be a bool, got {name}={group[name]!r}")
     group["structures"] = normalize_structures(group["structures"], where)

@@ -129,15 +129,17 @@ class StructuredNGD(Optimizer):
     _step_supports_amp_scaling = True  # GradScaler passes grad_scale/found_inf (torch name)
 
     def __init__(
-        self, model: nn.Module, params: Iterable[Any] | None = None, lr: float = 1e-3,
-        momentum: float = 0.9, damping: float = 1e-3, alpha1: float = 0.5,
-        weight_decay: float = 0.0, T: int = 10, lr_cov: float | Callable[[int], float] = 1e-2,
+        self, model: nn.Module, params: Iterable[Any] | None = None, lr: float = 0.1,
+        momentum: float = 0.9, damping: float = 0.1, alpha1: float = 0.5,
+        weight_decay: float = 0.0, T: int = 5, lr_cov: float | Callable[[int], float] = 0.1,
         structures: Any = ("dense", "dense"), kfac_approx: str = "expand",
         loss_average: str | None = "batch", retraction: str = "quadratic",
         trust_region: float | None = 1.0,
         preconditioner_dtype: tuple[torch.dtype | None, torch.dtype | None] = (None, None),
         init_grad_scale: float = 1.0, normalize_lr_cov: bool = False, kfac_like: bool = False,
         momentum_dtype: torch.dtype | None = None, beta2: float = 0.999, eps: float = 1e-8,
+        diagonal_lr_ratio: float = 0.01, relative_damping: bool = True,
+        normalize_preconditioner: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -151,6 +153,8 @@ class StructuredNGD(Optimizer):
             preconditioner_dtype=preconditioner_dtype, init_grad_scale=init_grad_scale,
             normalize_lr_cov=normalize_lr_cov, kfac_like=kfac_like,
             momentum_dtype=momentum_dtype, beta2=beta2, eps=eps,
+            diagonal_lr_ratio=diagonal_lr_ratio, relative_damping=relative_damping,
+            normalize_preconditioner=normalize_preconditioner,
         )
         self.reducer: F.Reducer = F.LOCAL
         self._owners = kfac.supported_owners(model)
@@ -168,6 +172,7 @@ class StructuredNGD(Optimizer):
         self._handles = [model.register_forward_pre_hook(kfac.WeakHook(self, "_count_forward"))]
         self._forward_count = self._layer_calls = 0
         self._warned: set[str] = set()
+        self._scale_cache: dict[Tensor, tuple[F.FactorState, Tensor]] = {}
         self._loading: dict[Tensor, dict[str, Any]] = {}
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
@@ -291,6 +296,7 @@ class StructuredNGD(Optimizer):
         self._stats.clear()
         self._factor_cache.clear()
         self._gram_cache.clear()
+        self._scale_cache.clear()
         for index, group in enumerate(self.param_groups):
             check_group(group, index)
 
@@ -397,6 +403,8 @@ class StructuredNGD(Optimizer):
             KKt = cached[1] if KKt is None else KKt
             CCt = cached[2] if CCt is None else CCt
         direction = F.precondition(G, factors.K, factors.C, KKt, CCt, overwrite=True)
+        if group["normalize_preconditioner"]:
+            direction = direction.mul_(self._trace_scale(layer, factors))
         direction = self.reducer.gradient(direction, group["loss_average"])
         parts = (direction,) if layer.bias is None else (direction[:, :-1], direction[:, -1])
         for param, part in zip((layer.weight, layer.bias), parts):
@@ -404,6 +412,16 @@ class StructuredNGD(Optimizer):
                             lr=group["lr"], momentum=group["momentum"],
                             weight_decay=group["weight_decay"])
         set_counters(state, step + 1, scale)
+
+    def _trace_scale(self, layer: kfac.Layer, factors: F.FactorState) -> Tensor:
+        """``1 / (tr̄(K Kᵀ) tr̄(C Cᵀ))``, cached until the factors change."""
+        cached = self._scale_cache.get(layer.weight)
+        if cached is None or cached[0] is not factors:
+            mean = (F.gram_project(factors.K).trace() / factors.K.dim
+                    * F.gram_project(factors.C).trace() / factors.C.dim)
+            cached = (factors, (1.0 / mean).to(layer.weight.dtype))
+            self._scale_cache[layer.weight] = cached
+        return cached[1]
 
     def _scratch_matrix(self, layer: kfac.Layer) -> Tensor:
         """A ``(d_C, d_K)`` view of the shared scratch buffer for the layer's gradient matrix."""
@@ -432,7 +450,7 @@ class StructuredNGD(Optimizer):
             alpha1=group["alpha1"], damping=group["damping"],
             unscale=float(state["grad_scale"]) / scale**2, kfac_like=group["kfac_like"],
             normalize_lr_cov=group["normalize_lr_cov"], retraction=group["retraction"],
-            trust_region=group["trust_region"],
+            trust_region=group["trust_region"], relative_damping=group["relative_damping"],
         )
         for key in ("K", "C", "m_K", "m_C"):
             if getattr(new, key) is not None:
@@ -462,5 +480,6 @@ class StructuredNGD(Optimizer):
         step = int(state["step"]) + 1
         state["step"] = torch.tensor(step)
         F.diagonal_step(param, grad, state["exp_avg"], state["exp_avg_sq"], step,
-                        lr=group["lr"], momentum=group["momentum"], beta2=group["beta2"],
+                        lr=group["lr"] * group["diagonal_lr_ratio"], momentum=group["momentum"],
+                        beta2=group["beta2"],
                         eps=group["eps"], weight_decay=group["weight_decay"])

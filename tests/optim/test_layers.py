@@ -14,7 +14,8 @@ from structvi.optim import StructuredNGD
 from tests.optim.helpers import batches, copies, mlp, seq_loss
 
 DT = torch.float64
-KW = dict(lr=0.05, lr_cov=0.1, T=1, weight_decay=1e-2, momentum=0.8, beta2=0.99, eps=1e-6)
+KW = dict(lr=0.05, lr_cov=0.1, T=1, weight_decay=1e-2, momentum=0.8, beta2=0.99, eps=1e-6,
+          diagonal_lr_ratio=1.0)
 
 
 class _Tagger(nn.Module):
