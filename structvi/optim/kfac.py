@@ -45,6 +45,7 @@ __all__ = [
     "is_supported",
     "layer_dims",
     "supported_owners",
+    "weight_dims",
 ]
 
 SUPPORTED_MODULES = (nn.Linear, nn.Conv2d)
@@ -65,7 +66,11 @@ def is_supported(module: nn.Module) -> bool:
 
 def layer_dims(module: nn.Module, has_bias: bool) -> tuple[int, int]:
     """``(d_K, d_C)``: input-side dimension (bias column included) and output dimension."""
-    weight = module.weight
+    return weight_dims(module.weight, has_bias)
+
+
+def weight_dims(weight: Tensor, has_bias: bool) -> tuple[int, int]:
+    """``(d_K, d_C)`` of a layer with this weight (conv weights flattened)."""
     return weight[0].numel() + int(has_bias), weight.shape[0]
 
 
@@ -80,9 +85,17 @@ class Layer:
 
 
 def supported_owners(model: nn.Module) -> dict[Tensor, list[tuple[str, nn.Module, str]]]:
-    """Parameter → ``[(layer name, layer, "weight" | "bias")]`` over supported layers."""
+    """Parameter → ``[(layer name, layer, "weight" | "bias")]`` over supported layers.
+
+    ``nn.MultiheadAttention`` contributes its input and output projections
+    (:func:`structvi.optim.attention.owners`).
+    """
+    from structvi.optim.attention import owners as attention_owners  # attention imports kfac
+
     owners: dict[Tensor, list[tuple[str, nn.Module, str]]] = {}
     for name, module in model.named_modules():
+        for p, owner in attention_owners(name, module):
+            owners.setdefault(p, []).append(owner)
         if not is_supported(module):
             continue
         for role in ("weight", "bias"):

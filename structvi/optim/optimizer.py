@@ -12,8 +12,9 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from structvi.optim import attention, kfac
 from structvi.optim import functional as F
-from structvi.optim import kfac
+from structvi.optim.describe import describe, diagnostics, log_summary
 from structvi.optim.config import check_group, factor_spec
 from structvi.optim.state import (
     mark_callables,
@@ -174,6 +175,11 @@ class StructuredNGD(Optimizer):
         self._warned: set[str] = set()
         self._scale_cache: dict[Tensor, tuple[F.FactorState, Tensor]] = {}
         self._loading: dict[Tensor, dict[str, Any]] = {}
+        self._names = {p: name for name, p in model.named_parameters(remove_duplicate=False)}
+        self._attention_hooked: set[nn.Module] = set()
+        self._notes = {getattr(m, n): why for m in model.modules()  # for describe()
+                       for n, why in attention.unsupported(m).items()
+                       if getattr(m, n, None) is not None}
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
         try:
@@ -184,6 +190,17 @@ class StructuredNGD(Optimizer):
         self.register_state_dict_post_hook(mark_callables)
         self.register_load_state_dict_pre_hook(stash_loaded_state)
         self.register_load_state_dict_post_hook(StructuredNGD._after_load)
+        log_summary(self)
+
+    def describe(self) -> str:
+        """Every trained parameter with its rule: a table (see :mod:`structvi.optim.describe`)."""
+        return describe(self)
+
+    def diagnostics(self) -> dict[str, dict[str, float]]:
+        """Per preconditioned layer: distance of ``KKᵀ``, ``CCᵀ`` from the identity (shape only)
+        and the preconditioned/raw gradient norm ratio (:func:`structvi.optim.describe.diagnostics`).
+        """
+        return diagnostics(self)
 
     # ------------------------------------------------------------------ groups and layers
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -203,6 +220,7 @@ class StructuredNGD(Optimizer):
     def _register_layers(self, index: int) -> None:
         group = self.param_groups[index]
         new = []
+        by_role = {(n, r): q for q, owned in self._owners.items() for n, _, r in owned}
         for p in group["params"]:
             owners = self._owners.get(p, [])
             if len(owners) > 1:
@@ -212,7 +230,7 @@ class StructuredNGD(Optimizer):
             if not owners:
                 continue
             name, module, role = owners[0]
-            other = module.bias if role == "weight" else module.weight
+            other = by_role.get((name, "bias" if role == "weight" else "weight"))
             other_index = self._group_index.get(other) if other is not None else None
             if other_index is not None and other_index != index:
                 w, b = (index, other_index) if role == "weight" else (other_index, index)
@@ -230,8 +248,11 @@ class StructuredNGD(Optimizer):
         if layer.bias is not None:
             self._biases[layer.bias] = layer
         self._module_layer[layer.module] = layer
-        hook = kfac.WeakHook(self, "_forward_hook")
-        self._handles.append(layer.module.register_forward_hook(hook))
+        if attention.parent(layer.module) is not None:  # one hook on the attention module
+            attention.install(self, layer)
+        else:
+            hook = kfac.WeakHook(self, "_forward_hook")
+            self._handles.append(layer.module.register_forward_hook(hook))
         state = self.state[layer.weight]
         set_counters(state, 0, group["init_grad_scale"])
         dtypes = self._factor_dtypes(layer, group)
@@ -244,7 +265,7 @@ class StructuredNGD(Optimizer):
                 write_structure(state, "m_" + key, factor.zeros_like())
 
     def _specs(self, layer: kfac.Layer, group: dict[str, Any]) -> tuple[dict, dict]:
-        dim_K, dim_C = kfac.layer_dims(layer.module, layer.bias is not None)
+        dim_K, dim_C = kfac.weight_dims(layer.weight, layer.bias is not None)
         K_entry, C_entry = group["structures"]
         return (factor_spec(K_entry, dim_K, f"K of layer {layer.name!r}"),
                 factor_spec(C_entry, dim_C, f"C of layer {layer.name!r}"))
@@ -335,13 +356,52 @@ class StructuredNGD(Optimizer):
             previous_scale = float(state["grad_scale"])
             if previous_scale != 1.0:
                 g = g / math.sqrt(previous_scale)
-            stats = self._stats.get(layer.weight)
-            if stats is None:
-                stats = kfac.KroneckerStatistics(mean_loss=group["loss_average"] is not None)
-                self._stats[layer.weight] = stats
-            first_in_forward = stats.last_forward != forward_id
-            stats.last_forward = forward_id
-            stats.add(factors.K, factors.C, a, g, n_loss if first_in_forward else 0)
+            self._accumulate(layer, a, g, n_loss, forward_id)
+
+    def _collects(self, layer: kfac.Layer) -> bool:
+        """Whether ``layer`` records statistics in this step (``step % T == 0``)."""
+        group = self.param_groups[self._group_index[layer.weight]]
+        return int(self.state[layer.weight]["step"]) % group["T"] == 0
+
+    def _attention_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        attention.forward_hook(self, module, args, kwargs, output)
+
+    def _attention_rows(self, layer: kfac.Layer, x: Tensor, grad: Tensor, rows: slice,
+                        terms: dict[str, int], forward_id: int) -> None:
+        """Rows of an attention projection (:mod:`structvi.optim.attention`): ``x`` is the
+        product's 2-D input, ``grad`` the gradient of its output rows ``rows`` of the weight."""
+        group = self.param_groups[self._group_index[layer.weight]]
+        factors = self._factors(layer)
+        with torch.autocast(x.device.type, enabled=False):
+            a = x.to(factors.K.dtype)
+            g = grad.to(factors.C.dtype)
+            if g.shape[1] != layer.weight.shape[0]:  # a row block: zeros elsewhere
+                g = g.new_zeros(g.shape[0], layer.weight.shape[0]).index_copy_(
+                    1, torch.arange(rows.start, rows.stop, device=g.device), g)
+            if group["kfac_approx"] == "reduce":  # rows are (position, sequence)
+                a = a.unflatten(0, (-1, terms["batch"])).mean(0)
+                g = g.unflatten(0, (-1, terms["batch"])).sum(0)
+            if layer.bias is not None:
+                a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
+            previous_scale = float(self.state[layer.weight]["grad_scale"])
+            if previous_scale != 1.0:
+                g = g / math.sqrt(previous_scale)
+            n_loss = {None: 1, "batch": terms["batch"],
+                      "batch+sequence": terms["batch"] * terms["sequence"]}[group["loss_average"]]
+            self._accumulate(layer, a, g, n_loss, forward_id)
+
+    def _accumulate(self, layer: kfac.Layer, a: Tensor, g: Tensor, n_loss: int,
+                    forward_id: int) -> None:
+        """Add one backward pass's rows ``a`` and (GradScaler-corrected) ``g`` of ``layer``."""
+        group = self.param_groups[self._group_index[layer.weight]]
+        factors = self._factors(layer)
+        stats = self._stats.get(layer.weight)
+        if stats is None:
+            stats = kfac.KroneckerStatistics(mean_loss=group["loss_average"] is not None)
+            self._stats[layer.weight] = stats
+        first_in_forward = stats.last_forward != forward_id
+        stats.last_forward = forward_id
+        stats.add(factors.K, factors.C, a, g, n_loss if first_in_forward else 0)
 
     def close(self) -> None:
         """Remove every hook this optimizer installed (the optimizer keeps its state)."""
