@@ -7,7 +7,7 @@ MLP. Each problem has a fixed epoch budget (batch 64, constant lr). Methods:
 * ``AdamW-default``: ``torch.optim.AdamW(model.parameters())`` (lr 1e-3).
 * ``AdamW-tuned``: the lr of ``{3e-4, 1e-3, 3e-3, 1e-2}`` with the best validation loss (seed 0).
 * ``NGD-default``: ``StructuredNGD(model)``.
-* ``NGD-tuned``: the lr of ``{0.03, 0.1, 0.3}`` with the best validation loss (seed 0).
+* ``NGD-tuned``: the lr of ``{1e-3, 3e-3, 1e-2}`` with the best validation loss (seed 0).
 * ``NGD-frozen``: the defaults with ``lr_cov=0`` (``K = C = I`` forever: SGD with momentum
   for the Kronecker layers, the same diagonal rule elsewhere) — what the second-order part adds.
 * ``SINGD-default``: ``singd.optim.SINGD(model)`` (the ``bench`` extra); it fails on the
@@ -45,7 +45,7 @@ from structvi.optim import StructuredNGD
 
 Maker = Callable[[nn.Module], torch.optim.Optimizer]
 ADAMW_GRID = [3e-4, 1e-3, 3e-3, 1e-2]
-NGD_GRID = [0.03, 0.1, 0.3]
+NGD_GRID = [1e-3, 3e-3, 1e-2]
 
 
 def _adamw(lr: float) -> Maker:
@@ -78,9 +78,9 @@ def methods(problem: Problem, data, quick: bool) -> dict[str, tuple[float | None
     return {
         "AdamW-default": (1e-3, _adamw(1e-3)),
         "AdamW-tuned": (adamw_lr, _adamw(adamw_lr)),
-        "NGD-default": (0.1, _ngd()),
+        "NGD-default": (3e-3, _ngd()),
         "NGD-tuned": (ngd_lr, _ngd(lr=ngd_lr)),
-        "NGD-frozen": (0.1, _ngd(lr_cov=0.0)),
+        "NGD-frozen": (3e-3, _ngd(lr_cov=0.0)),
         "SINGD-default": (1e-3, _singd),
     }
 

@@ -7,7 +7,7 @@ for both factors); the optimizer is used exactly like any ``torch.optim`` optimi
 scheduler and ``torch.autocast``. A structure's options go in a dict, e.g.
 ``{"name": "hierarchical", "k1": 4, "k2": 4}`` (``k1 + k2`` must fit the smallest layer).
 The hyper-parameters are the optimizer's defaults (docs/optimizer_tuning.md): only ``lr`` is
-exposed, 0.1 by default.
+exposed, 3e-3 by default.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> float:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--structure", choices=sorted(STRUCTURES), default="dense")
     parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--lr", type=float, default=0.1, help="StructuredNGD's lr (default 0.1)")
+    parser.add_argument("--lr", type=float, default=3e-3, help="StructuredNGD's lr (default 3e-3)")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
     args = parser.parse_args(argv)
 

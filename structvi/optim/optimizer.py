@@ -130,7 +130,7 @@ class StructuredNGD(Optimizer):
     _step_supports_amp_scaling = True  # GradScaler passes grad_scale/found_inf (torch name)
 
     def __init__(
-        self, model: nn.Module, params: Iterable[Any] | None = None, lr: float = 0.1,
+        self, model: nn.Module, params: Iterable[Any] | None = None, lr: float = 3e-3,
         momentum: float = 0.9, damping: float = 0.1, alpha1: float = 0.5,
         weight_decay: float = 0.0, T: int = 5, lr_cov: float | Callable[[int], float] = 0.1,
         structures: Any = ("dense", "dense"), kfac_approx: str = "expand",
@@ -139,7 +139,7 @@ class StructuredNGD(Optimizer):
         preconditioner_dtype: tuple[torch.dtype | None, torch.dtype | None] = (None, None),
         init_grad_scale: float = 1.0, normalize_lr_cov: bool = False, kfac_like: bool = False,
         momentum_dtype: torch.dtype | None = None, beta2: float = 0.999, eps: float = 1e-8,
-        diagonal_lr_ratio: float = 0.01, relative_damping: bool = True,
+        diagonal_lr_ratio: float = 1 / 3, relative_damping: bool = True,
         normalize_preconditioner: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -463,9 +463,9 @@ class StructuredNGD(Optimizer):
             KKt = cached[1] if KKt is None else KKt
             CCt = cached[2] if CCt is None else CCt
         direction = F.precondition(G, factors.K, factors.C, KKt, CCt, overwrite=True)
-        if group["normalize_preconditioner"]:
-            direction = direction.mul_(self._trace_scale(layer, factors))
         direction = self.reducer.gradient(direction, group["loss_average"])
+        if group["normalize_preconditioner"]:
+            direction = self._normalize(layer, group, factors, direction, step)
         parts = (direction,) if layer.bias is None else (direction[:, :-1], direction[:, -1])
         for param, part in zip((layer.weight, layer.bias), parts):
             F.momentum_step(param, part.reshape(param.shape), self._momentum_buffer(param, group),
@@ -473,13 +473,28 @@ class StructuredNGD(Optimizer):
                             weight_decay=group["weight_decay"])
         set_counters(state, step + 1, scale)
 
+    def _normalize(self, layer: kfac.Layer, group: dict[str, Any], factors: F.FactorState,
+                   direction: Tensor, step: int) -> Tensor:
+        """``normalize_preconditioner``: ``d ← d / (tr̄(KKᵀ) tr̄(CCᵀ))``, then ``d ← d / (√v̂ + ε)``
+        with ``v ← β v + (1−β) mean(d²)`` (``β = beta2``, ``v̂`` bias-corrected), in place."""
+        direction = direction.mul_(self._trace_scale(layer, factors).to(direction.dtype))
+        state = self.state[layer.weight]
+        beta = group["beta2"]
+        sq = state.get("direction_sq")
+        if sq is None:
+            sq = state["direction_sq"] = torch.zeros((), dtype=torch.float32,
+                                                     device=direction.device)
+        sq.mul_(beta).add_(direction.square().mean().float(), alpha=1.0 - beta)
+        rms = (sq / (1.0 - beta ** (step + 1))).sqrt_().add_(group["eps"])
+        return direction.div_(rms.to(direction.dtype))
+
     def _trace_scale(self, layer: kfac.Layer, factors: F.FactorState) -> Tensor:
         """``1 / (tr̄(K Kᵀ) tr̄(C Cᵀ))``, cached until the factors change."""
         cached = self._scale_cache.get(layer.weight)
         if cached is None or cached[0] is not factors:
             mean = (F.gram_project(factors.K).trace() / factors.K.dim
                     * F.gram_project(factors.C).trace() / factors.C.dim)
-            cached = (factors, (1.0 / mean).to(layer.weight.dtype))
+            cached = (factors, 1.0 / mean.float())
             self._scale_cache[layer.weight] = cached
         return cached[1]
 
