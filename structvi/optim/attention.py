@@ -22,7 +22,8 @@ statistics) walks the autograd graph of the attention output back to the module'
 puts a pre-hook on each matrix-product node whose second operand is (a row block of) a
 projection weight: the node's saved first operand is the layer input ``a``, the gradient the
 pre-hook receives is ``∂ℓ/∂(a Wᵀ)``. The graph walk relies on PyTorch's autograd node names
-(``AddmmBackward0``, ``MmBackward0``, ``TBackward0``, ``Split*Backward0``); a node layout it
+(``AddmmBackward0``, ``MmBackward0``, ``TBackward0``, ``Split*Backward0``, and autocast's
+``ToCopyBackward0``); a node layout it
 does not recognise records nothing, and the optimizer's "no statistics were recorded" warning
 says so.
 """
@@ -148,19 +149,26 @@ def _weight_operand(node: Any, layers: dict[Tensor, Any]) -> tuple[Tensor, slice
     transpose = node.next_functions[kind[1]][0]
     if transpose is None or type(transpose).__name__ != "TBackward0":
         return None
-    source, index = transpose.next_functions[0]
+    source, index = _skip_casts(transpose.next_functions[0])
     variable = getattr(source, "variable", None)
     if variable is not None:
         return (variable, slice(0, variable.shape[0])) if variable in layers else None
     if source is None or type(source).__name__ not in _SPLITS:
         return None
-    leaf = source.next_functions[0][0]
+    leaf = _skip_casts(source.next_functions[0])[0]
     variable = getattr(leaf, "variable", None)
     if variable is None or variable not in layers:
         return None
     sizes = _split_sizes(source, variable.shape[0])
     start = sum(sizes[:index])
     return variable, slice(start, start + sizes[index])
+
+
+def _skip_casts(edge: tuple[Any, int]) -> tuple[Any, int]:
+    """Follow ``(node, output index)`` past dtype casts (autocast copies the weight)."""
+    while edge[0] is not None and type(edge[0]).__name__ == "ToCopyBackward0":
+        edge = edge[0].next_functions[0]
+    return edge
 
 
 def _split_sizes(node: Any, total: int) -> list[int]:

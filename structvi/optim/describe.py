@@ -103,9 +103,9 @@ def diagnostics(opt: Any) -> dict[str, dict[str, float]]:
       I\|_F / \sqrt d` for ``S = K, C`` — 0 for the identity the factors start at (and for a
       frozen preconditioner, ``lr_cov = 0``); it grows as the factors learn the curvature's
       shape (a scale change alone leaves it at 0).
-    * ``step_ratio``: :math:`\|\hat G\| / \|G\|` of the last gradient, with :math:`\hat G` the
-      preconditioned gradient as applied (trace normalization included): 1 at the identity;
-      far from 1 means the preconditioner reweights directions strongly.
+    * ``cosine``: the cosine between the current gradient ``G`` (``.grad``, present after a
+      backward pass) and the preconditioned gradient ``C Cᵀ G K Kᵀ``: 1 at the identity; the
+      further below 1, the more the preconditioner turns the step away from the gradient.
     * ``step``: the layer's step count.
     """
     report = {}
@@ -114,13 +114,10 @@ def diagnostics(opt: Any) -> dict[str, dict[str, float]]:
         entry = {"K_deviation": _deviation(factors.K), "C_deviation": _deviation(factors.C),
                  "step": int(opt.state[layer.weight]["step"])}
         if layer.weight.grad is not None:
-            group = opt.param_groups[opt._group_index[layer.weight]]
-            G = kfac.gradient_matrix(layer, 1.0).to(factors.K.dtype)
-            direction = F.precondition(G, factors.K, factors.C)
-            if group["normalize_preconditioner"]:
-                direction = direction * opt._trace_scale(layer, factors).to(direction.dtype)
-            norm = G.norm()
-            entry["step_ratio"] = float(direction.norm() / norm) if norm > 0 else float("nan")
+            G = kfac.gradient_matrix(layer, 1.0).double()
+            direction = F.precondition(G, factors.K.to(torch.float64), factors.C.to(torch.float64))
+            norms = G.norm() * direction.norm()
+            entry["cosine"] = float((G * direction).sum() / norms) if norms > 0 else float("nan")
         report[layer.name] = entry
     return report
 
