@@ -31,6 +31,7 @@ says so.
 from __future__ import annotations
 
 import functools
+import math
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -187,4 +188,29 @@ def _record(ref: weakref.ref, layer: Any, node: Any, rows: slice, n_loss: dict[s
     if optimizer is None or grad is None:
         return
     x = getattr(node, _PRODUCTS[type(node).__name__][0])
-    optimizer._attention_rows(layer, x.detach(), grad.detach(), rows, n_loss, forward_id)
+    _add_rows(optimizer, layer, x.detach(), grad.detach(), rows, n_loss, forward_id)
+
+
+def _add_rows(optimizer: Any, layer: Any, x: Tensor, grad: Tensor, rows: slice,
+              terms: dict[str, int], forward_id: int) -> None:
+    """Kronecker rows of one product: ``x`` its 2-D input (rows ordered (position, sequence)),
+    ``grad`` the gradient of its output, the rows ``rows`` of the layer's weight."""
+    group = optimizer.param_groups[optimizer._group_index[layer.weight]]
+    factors = optimizer._factors(layer)
+    with torch.autocast(x.device.type, enabled=False):
+        a, g = x.to(factors.K.dtype), grad.to(factors.C.dtype)
+        d_out = layer.weight.shape[0]
+        if g.shape[1] != d_out:  # a row block of the weight: zero gradient in the other rows
+            index = torch.arange(rows.start, rows.stop, device=g.device)
+            g = g.new_zeros(g.shape[0], d_out).index_copy_(1, index, g)
+        if group["kfac_approx"] == "reduce":  # average inputs, sum gradients over positions
+            a = a.unflatten(0, (-1, terms["batch"])).mean(0)
+            g = g.unflatten(0, (-1, terms["batch"])).sum(0)
+        if layer.bias is not None:
+            a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
+        previous_scale = float(optimizer.state[layer.weight]["grad_scale"])
+        if previous_scale != 1.0:
+            g = g / math.sqrt(previous_scale)
+        n_loss = {None: 1, "batch": terms["batch"],
+                  "batch+sequence": terms["batch"] * terms["sequence"]}[group["loss_average"]]
+        optimizer._accumulate(layer, a, g, n_loss, forward_id)

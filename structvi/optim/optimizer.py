@@ -34,8 +34,20 @@ __all__ = ["StructuredNGD"]
 class StructuredNGD(Optimizer):
     r"""Structured inverse-free natural-gradient descent (INGD/SINGD, Lin et al. 2023, 2024).
 
+    A drop-in replacement for ``torch.optim.AdamW``: ``StructuredNGD(model)`` trains with
+    defaults chosen on a small benchmark suite (benchmarks/optim_defaults.py). Tuning in words
+    (docs/optimizer_tuning.md): ``lr`` is the Kronecker layers' step size — from a known AdamW
+    learning rate ``a``, use ``lr = 3a`` (the other parameters then run at ``a``); ``lr_cov``
+    and ``T`` set how fast and how often the preconditioner follows the curvature statistics
+    (``lr_cov=0`` freezes it); ``damping`` is relative to each statistic's mean eigenvalue
+    (larger: closer to per-layer-normalized SGD); ``structures`` trades the preconditioner's
+    fidelity for cost. :meth:`describe` lists every parameter's rule (a summary is logged at
+    ``INFO`` on the ``structvi.optim`` logger at construction) and :meth:`diagnostics` tells a
+    preconditioner that moves from one that does not.
+
     Every ``nn.Linear`` (any leading dimensions) and ``nn.Conv2d`` (stride, padding, dilation,
-    groups) layer whose weight is trained gets a Kronecker preconditioner
+    groups) layer whose weight is trained, and the input and output projections of
+    ``nn.MultiheadAttention`` (:mod:`structvi.optim.attention`), get a Kronecker preconditioner
     :math:`(KK^\top) \otimes (CC^\top)` with covariance-side factors :math:`K \in \mathcal{L}_K`
     (input side, bias column included) and :math:`C \in \mathcal{L}_C` (output side) of any
     structure in :mod:`structvi.structures`; only matrix products are used (no inverse or
@@ -68,10 +80,20 @@ class StructuredNGD(Optimizer):
     :math:`\beta_1` by :math:`\beta_1/\max(1, \max_{ij}|m|)`. :math:`s_t` is the GradScaler
     scale and :math:`u = s_{t-1}/s_t^2` (MATH §3.7).
 
+    With ``normalize_preconditioner`` (default) the step uses the preconditioner's shape only and
+    a per-layer Adam-like scale: :math:`D = \hat G / (\overline{\mathrm{tr}}(KK^\top)
+    \overline{\mathrm{tr}}(CC^\top))`, :math:`v \leftarrow \beta v + (1-\beta)\,
+    \mathrm{mean}(D^2)` (``beta2``), and :math:`D / (\sqrt{v/(1-\beta^t)} + \epsilon)` replaces
+    :math:`\hat G` in the momentum. With ``relative_damping`` (default) :math:`\lambda` multiplies
+    the mean eigenvalue of each factor's term: :math:`\lambda\,\overline{\mathrm{tr}}(\hat C)
+    \hat K` becomes :math:`\lambda\, c_K \mathrm{tr}(H_K)/\mathrm{tr}(\hat K)\,\hat K` with
+    :math:`c_K` the coefficient of :math:`H_K` (likewise for ``C``). ``normalize_preconditioner=
+    False, relative_damping=False, diagonal_lr_ratio=1`` is the published INGD/SINGD update.
+
     Every other trainable parameter (norm layers, embeddings, unsupported layers, a bias whose
     weight is not trained) follows a diagonal rule in the same optimizer — AdamW with
-    ``betas=(momentum, beta2)``, ``eps``, ``lr`` and decoupled ``weight_decay`` of its group
-    (:func:`structvi.optim.functional.diagonal_step`).
+    ``betas=(momentum, beta2)``, ``eps``, decoupled ``weight_decay`` and step size
+    ``lr · diagonal_lr_ratio`` of its group (:func:`structvi.optim.functional.diagonal_step`).
 
     Statistics are collected by a forward hook per layer that puts a tensor hook on the layer's
     output (so in-place activations work) on steps with :math:`t \bmod T = 0`; several
@@ -93,7 +115,7 @@ class StructuredNGD(Optimizer):
         model: the network (not wrapped in ``DataParallel``/``DistributedDataParallel``).
         params: parameters or param groups; ``None`` trains every parameter of ``model`` that
             requires a gradient. A layer's weight and bias must be in the same group.
-        lr: ``β₂``, parameter step size.
+        lr: ``β₂``, step size of the Kronecker rule (default ``3e-3``).
         momentum: ``α₂`` (parameter momentum; ``β₁`` of the diagonal rule's AdamW).
         damping: ``λ``.
         alpha1: ``α₁``, momentum of ``m_K, m_C``.
@@ -118,8 +140,14 @@ class StructuredNGD(Optimizer):
         normalize_lr_cov: normalized factor steps (see above).
         kfac_like: IKFAC update (``alpha1`` is then ignored).
         momentum_dtype: dtype of the parameter momenta (default: the parameter's dtype).
-        beta2: second-moment decay of the diagonal rule.
-        eps: denominator offset of the diagonal rule.
+        beta2: second-moment decay of the diagonal rule and of the normalized step.
+        eps: denominator offset of the diagonal rule and of the normalized step.
+        diagonal_lr_ratio: the diagonal rule's step size is ``lr · diagonal_lr_ratio`` (default
+            ``1/3``: AdamW's ``1e-3`` at the default ``lr``); a ratio, so lr schedulers scale
+            both rules; per param group like every hyper-parameter.
+        relative_damping: ``λ`` relative to each statistic's mean eigenvalue (scale-free).
+        normalize_preconditioner: trace-normalized preconditioner and per-layer RMS-normalized
+            step (see above).
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module`` or is wrapped in (D)DP.
@@ -365,30 +393,6 @@ class StructuredNGD(Optimizer):
 
     def _attention_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         attention.forward_hook(self, module, args, kwargs, output)
-
-    def _attention_rows(self, layer: kfac.Layer, x: Tensor, grad: Tensor, rows: slice,
-                        terms: dict[str, int], forward_id: int) -> None:
-        """Rows of an attention projection (:mod:`structvi.optim.attention`): ``x`` is the
-        product's 2-D input, ``grad`` the gradient of its output rows ``rows`` of the weight."""
-        group = self.param_groups[self._group_index[layer.weight]]
-        factors = self._factors(layer)
-        with torch.autocast(x.device.type, enabled=False):
-            a = x.to(factors.K.dtype)
-            g = grad.to(factors.C.dtype)
-            if g.shape[1] != layer.weight.shape[0]:  # a row block: zeros elsewhere
-                g = g.new_zeros(g.shape[0], layer.weight.shape[0]).index_copy_(
-                    1, torch.arange(rows.start, rows.stop, device=g.device), g)
-            if group["kfac_approx"] == "reduce":  # rows are (position, sequence)
-                a = a.unflatten(0, (-1, terms["batch"])).mean(0)
-                g = g.unflatten(0, (-1, terms["batch"])).sum(0)
-            if layer.bias is not None:
-                a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
-            previous_scale = float(self.state[layer.weight]["grad_scale"])
-            if previous_scale != 1.0:
-                g = g / math.sqrt(previous_scale)
-            n_loss = {None: 1, "batch": terms["batch"],
-                      "batch+sequence": terms["batch"] * terms["sequence"]}[group["loss_average"]]
-            self._accumulate(layer, a, g, n_loss, forward_id)
 
     def _accumulate(self, layer: kfac.Layer, a: Tensor, g: Tensor, n_loss: int,
                     forward_id: int) -> None:
