@@ -226,8 +226,8 @@ class StructuredNGD(Optimizer):
 
     def diagnostics(self) -> dict[str, dict[str, float]]:
         """Per preconditioned layer: distance of ``KKᵀ``, ``CCᵀ`` from the identity (shape only)
-        and the preconditioned/raw gradient norm ratio (:func:`structvi.optim.describe.diagnostics`).
-        """
+        and the cosine between the gradient and the preconditioned gradient
+        (:func:`structvi.optim.describe.diagnostics`)."""
         return diagnostics(self)
 
     # ------------------------------------------------------------------ groups and layers

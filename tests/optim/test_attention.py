@@ -1,4 +1,4 @@
-"""``nn.MultiheadAttention``: in_proj and out_proj are Kronecker layers (structvi/optim/attention.py)."""
+"""``nn.MultiheadAttention``: in_proj and out_proj are Kronecker layers (optim/attention.py)."""
 
 from __future__ import annotations
 
@@ -129,8 +129,8 @@ def test_attention_projections_are_preconditioned():
 
 def test_bf16_autocast_attention_trains():
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Embedding(6, E), _Wrap(nn.MultiheadAttention(E, HEADS, batch_first=True)),
-                        nn.Flatten(), nn.Linear(5 * E, 3))
+    mha = nn.MultiheadAttention(E, HEADS, batch_first=True)
+    net = nn.Sequential(nn.Embedding(6, E), _Wrap(mha), nn.Flatten(), nn.Linear(5 * E, 3))
     opt = StructuredNGD(net, T=1)
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randint(0, 6, (32, 5), generator=gen), torch.randint(0, 3, (32,), generator=gen)
