@@ -167,3 +167,23 @@ def test_relative_damping_is_lambda_times_the_mean_eigenvalue(kfac_like):
 def test_new_options_are_validated(name, value):
     with pytest.raises(ValueError, match=name):
         StructuredNGD(nn.Linear(2, 2), **{name: value})
+
+
+def test_state_dict_saved_before_the_new_options_resumes_the_old_update():
+    """A state dict without ``diagonal_lr_ratio``/``relative_damping``/
+    ``normalize_preconditioner`` loads with the values of the update it was trained with."""
+    net = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4))
+    opt = StructuredNGD(net)
+    net(torch.randn(5, 3)).sum().backward()
+    opt.step()
+    saved = opt.state_dict()
+    for group in saved["param_groups"]:
+        for key in ("diagonal_lr_ratio", "relative_damping", "normalize_preconditioner"):
+            del group[key]
+    fresh = StructuredNGD(net)
+    fresh.load_state_dict(saved)
+    group = fresh.param_groups[0]
+    assert (group["diagonal_lr_ratio"], group["relative_damping"],
+            group["normalize_preconditioner"]) == (1.0, False, False)
+    net(torch.randn(5, 3)).sum().backward()
+    fresh.step()
