@@ -20,7 +20,7 @@ The goal check compares NGD-default with AdamW-default (test metric) and with NG
 (training loss, the quantity the optimizer minimizes: margin = difference of the means,
 spread = the larger of the two ranges over the seeds).
 
-Run: ``python -m benchmarks.optim_defaults [--quick]``
+Run: ``python -m benchmarks.optim_defaults [--quick] [--out DIR]``
 → ``benchmarks/results/optim_defaults.{json,md,png}`` (``--quick``: two seeds, half the
 epochs, smaller grids, into ``benchmarks/results/quick/``).
 """
@@ -207,6 +207,8 @@ def plot(results: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 seeds, half the epochs")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output directory (default benchmarks/results[/quick])")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     seeds = 2 if args.quick else 3
@@ -216,7 +218,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = {name: run_problem(name, problem, seeds, args.quick)
                for name, problem in suite.items()}
     checks = goals(results, suite)
-    out = Path(__file__).parent / "results" / ("quick" if args.quick else "")
+    out = args.out or Path(__file__).parent / "results" / ("quick" if args.quick else "")
     out.mkdir(parents=True, exist_ok=True)
     meta = {"torch": torch.__version__, "platform": platform.platform(), "seeds": seeds,
             "threads": 1, "seconds": time.perf_counter() - start,
