@@ -70,7 +70,7 @@ def unsupported(module: nn.Module) -> dict[str, str]:
     if not isinstance(module, ATTENTION_MODULES) or module.in_proj_weight is not None:
         return {}
     why = "separate q/k/v projection weights (kdim/vdim != embed_dim) are not preconditioned"
-    return {n: why for n in ("q_proj_weight", "k_proj_weight", "v_proj_weight")}
+    return {n: why for n in ("q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias")}
 
 
 def parent(module: nn.Module) -> nn.Module | None:

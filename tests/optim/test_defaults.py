@@ -187,3 +187,26 @@ def test_state_dict_saved_before_the_new_options_resumes_the_old_update():
             group["normalize_preconditioner"]) == (1.0, False, False)
     net(torch.randn(5, 3)).sum().backward()
     fresh.step()
+
+
+def test_defaults_with_fp16_autocast_and_a_dynamic_grad_scaler():
+    """The normalized step sees unscaled gradients: skipped overflow steps, then training."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.LayerNorm(16), nn.Linear(16, 3))
+    opt = StructuredNGD(net, init_grad_scale=2.0**20)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**20, growth_interval=10)
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(256, 6, generator=gen)
+    y = (X @ torch.randn(6, 3, generator=gen)).argmax(1)
+    losses = []
+    for idx in torch.arange(256).repeat(4).split(32):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = nn.functional.cross_entropy(net(X[idx]).float(), y[idx])
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        losses.append(loss.item())
+    assert scaler.get_scale() < 2.0**20  # some steps overflowed and were skipped
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+    assert sum(losses[-8:]) < 0.6 * sum(losses[:8])

@@ -71,6 +71,7 @@ def test_describe_lists_every_parameter_with_its_rule():
         assert by_name[name]["lr"] == opt.param_groups[0]["lr"] / 3
     assert "not trained" in by_name["frozen.bias"]["note"]
     assert "kdim/vdim" in by_name["cross.q_proj_weight"]["note"]
+    assert "kdim/vdim" in by_name["cross.in_proj_bias"]["note"]
     text = opt.describe()
     assert text.splitlines()[0].startswith("StructuredNGD: Kronecker rule on 6 layer(s)")
     for name in trained:
