@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from structvi.optim.attention import owners as attention_owners
 from structvi.structures.base import Structure
 
 __all__ = [
@@ -57,7 +58,8 @@ def is_supported(module: nn.Module) -> bool:
     """Whether ``module`` gets Kronecker factors.
 
     ``nn.MultiheadAttention``'s ``out_proj`` is a ``Linear`` that attention calls through
-    ``F.linear`` on its bare weight: its forward hook never runs, so it is not supported.
+    ``F.linear`` on its bare weight: its forward hook never runs, so it is not a layer of its
+    own here; :mod:`structvi.optim.attention` preconditions it with the input projection.
     """
     if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
         return False
@@ -90,8 +92,6 @@ def supported_owners(model: nn.Module) -> dict[Tensor, list[tuple[str, nn.Module
     ``nn.MultiheadAttention`` contributes its input and output projections
     (:func:`structvi.optim.attention.owners`).
     """
-    from structvi.optim.attention import owners as attention_owners  # attention imports kfac
-
     owners: dict[Tensor, list[tuple[str, nn.Module, str]]] = {}
     for name, module in model.named_modules():
         for p, owner in attention_owners(name, module):
