@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from structvi.optim import _compile, kfac, robust
+from structvi.optim import _compile, attention, kfac, robust
 from structvi.optim import functional as F
 from structvi.optim.state import drop_inert_hooks, mark_callables, stash_loaded_state
 from structvi.structures.base import Structure
@@ -54,6 +54,12 @@ class Lifecycle:
         self._handles = [model.register_forward_pre_hook(kfac.WeakHook(self, "_count_forward"))]
         self._forward_count = self._layer_calls = 0
         self._loading: dict[Tensor, dict[str, Any]] = {}
+        self._scale_cache: dict[Tensor, tuple[F.FactorState, Tensor]] = {}
+        self._names = {p: name for name, p in model.named_parameters(remove_duplicate=False)}
+        self._attention_hooked: set[nn.Module] = set()
+        self._notes = {getattr(m, n): why for m in model.modules()  # for describe()
+                       for n, why in attention.unsupported(m).items()
+                       if getattr(m, n, None) is not None}
         # hooks are released when the optimizer is collected (they hold it only weakly)
         self._receiver_keys: list[int] = []
         self._finalizer = weakref.finalize(self, robust.release, self._handles,
@@ -99,8 +105,11 @@ class Lifecycle:
         if layer.bias is not None:
             self._biases[layer.bias] = layer
         self._module_layer[layer.module] = layer
-        hook = kfac.WeakHook(self, "_forward_hook")
-        self._handles.append(layer.module.register_forward_hook(hook))
+        if attention.parent(layer.module) is not None:  # one hook on the attention module
+            attention.install(self, layer)
+        else:
+            hook = kfac.WeakHook(self, "_forward_hook")
+            self._handles.append(layer.module.register_forward_hook(hook))
         for p in (layer.weight, layer.bias):
             if p is not None:
                 self._handles.append(p.register_post_accumulate_grad_hook(

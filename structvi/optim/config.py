@@ -16,7 +16,14 @@ from structvi.engine.retraction import RETRACTIONS
 from structvi.optim.kfac import KFAC_APPROXIMATIONS, LOSS_AVERAGES
 from structvi.structures.registry import STRUCTURES, get_structure_class
 
-__all__ = ["SINGD_ALIASES", "check_group", "factor_spec", "normalize_structures"]
+__all__ = ["LEGACY_OPTIONS", "SINGD_ALIASES", "check_group", "factor_spec",
+           "normalize_structures"]
+
+# Options added after the first release, with the values that reproduce the update of that
+# release: a state dict saved without them resumes with the update it was trained with.
+LEGACY_OPTIONS: dict[str, Any] = {
+    "diagonal_lr_ratio": 1.0, "relative_damping": False, "normalize_preconditioner": False,
+}
 
 # singd's structure strings and the structvi structure (covariance-side K) each one names.
 SINGD_ALIASES: dict[str, dict[str, Any]] = {
@@ -117,9 +124,12 @@ def _dtype_pair(value: Any, where: str) -> None:
 
 
 def check_group(group: dict[str, Any], index: int) -> None:
-    """Validate a filled parameter group in place (``structures`` is normalized)."""
+    """Validate a filled parameter group in place (``structures`` is normalized; options of
+    :data:`LEGACY_OPTIONS` missing from a loaded state dict get their legacy values)."""
     where = "" if index == 0 else f" (param group {index})"
-    for name in ("lr", "damping", "weight_decay"):
+    for name, value in LEGACY_OPTIONS.items():
+        group.setdefault(name, value)
+    for name in ("lr", "damping", "weight_decay", "diagonal_lr_ratio"):
         _number(name, group[name], where)
     for name in ("momentum", "alpha1", "beta2"):
         _number(name, group[name], where, upper=1.0)
@@ -140,7 +150,7 @@ def check_group(group: dict[str, Any], index: int) -> None:
     if md is not None and not (isinstance(md, torch.dtype) and md.is_floating_point):
         raise ValueError(f"momentum_dtype{where} must be a floating torch.dtype or None, "
                          f"got momentum_dtype={md!r}")
-    for name in ("kfac_like", "normalize_lr_cov"):
+    for name in ("kfac_like", "normalize_lr_cov", "relative_damping", "normalize_preconditioner"):
         if not isinstance(group[name], bool):
             raise ValueError(f"{name}{where} must be a bool, got {name}={group[name]!r}")
     group["structures"] = normalize_structures(group["structures"], where)

@@ -101,15 +101,26 @@ def _avg_trace(S: Structure) -> Tensor:
     return S.trace() / S.dim
 
 
+def _relative(H: Structure, S_hat: Structure, coef: Tensor | float) -> Tensor:
+    """``coef · tr(H) / tr(Ŝ)``: the mean eigenvalue of ``coef · H`` in the metric ``Ŝ``."""
+    ratio = H.trace() / S_hat.trace().clamp(min=torch.finfo(S_hat.dtype).tiny)
+    return (ratio * coef).to(S_hat.dtype)
+
+
 def _directions(
     state: FactorState, H_K: Structure, H_C: Structure, *, damping: float, unscale: float,
-    kfac_like: bool, half: float,
+    kfac_like: bool, half: float, relative_damping: bool = False,
 ) -> tuple[Structure, Structure]:
     r"""``ν_K, ν_C`` of MATH (3.2) (``half`` is ½, or ½(1−α₁) with ``normalize_lr_cov``).
 
     INGD:  :math:`\nu_K = \tfrac12[u\,\bar{tr}(H_C) H_K + \lambda\,\bar{tr}(\hat C)\hat K - I]`;
     IKFAC: :math:`\nu_K = \tfrac12[H_K + \lambda \hat K - I]`, :math:`\nu_C = \tfrac12[u H_C +
-    \lambda \hat C - I]`, with :math:`\hat K = \hat\Pi(K^\top K)`.
+    \lambda \hat C - I]`, with :math:`\hat K = \hat\Pi(K^\top K)`. ``relative_damping``
+    (scale-free) replaces the damping coefficient of ``K̂`` by ``λ c_K tr(H_K)/tr(K̂)``, with
+    ``c_K`` the coefficient of ``H_K`` (``u tr̄(H_C)`` or 1), and likewise for ``C``: each term
+    becomes ``c_K (H_K + λ μ_K K̂)`` with ``μ_K = tr(H_K)/tr(K̂)`` the mean eigenvalue of the
+    statistic in the factor's metric, so the fixed point ``K Kᵀ ≈ (Ā + λ μ I)⁻¹/…`` does not
+    change with the scale of the loss.
     """
     K_hat, C_hat = gram_project(state.K), gram_project(state.C)
     if kfac_like:
@@ -119,6 +130,9 @@ def _directions(
         coef_C = _avg_trace(H_K).to(H_C.dtype) * unscale
         damp_K = _avg_trace(C_hat).to(K_hat.dtype) * damping
         damp_C = _avg_trace(K_hat).to(C_hat.dtype) * damping
+    if relative_damping:  # λ times the mean eigenvalue of each factor's term
+        damp_K = damping * _relative(H_K, K_hat, coef_K)
+        damp_C = damping * _relative(H_C, C_hat, coef_C)
     nu_K = H_K.scale(coef_K).add(K_hat.scale(damp_K)).add(K_hat.coord_identity(), alpha=-1.0)
     nu_C = H_C.scale(coef_C).add(C_hat.scale(damp_C)).add(C_hat.coord_identity(), alpha=-1.0)
     return nu_K.scale(half), nu_C.scale(half)
@@ -148,7 +162,7 @@ def update_preconditioner(
     state: FactorState, H_K: Structure, H_C: Structure, *, lr_cov: float, alpha1: float,
     damping: float, unscale: float = 1.0, kfac_like: bool = False,
     normalize_lr_cov: bool = False, retraction: str = "quadratic",
-    trust_region: float | None = None,
+    trust_region: float | None = None, relative_damping: bool = False,
 ) -> FactorState:
     """One preconditioner update, MATH (3.2), through :func:`structvi.engine.factor_step`.
 
@@ -164,6 +178,7 @@ def update_preconditioner(
         normalize_lr_cov: ``½ → ½(1−α₁)`` and ``β₁ → β₁ / max(1, max|m|)``.
         retraction: ``h`` of the factor step (``"first_order"`` is SINGD's ``K − β₁ K m``).
         trust_region: ``c`` of the step cap ``min(β₁, c/‖m‖_∞)`` (MATH §2.6); ``None``: no cap.
+        relative_damping: ``λ`` relative to each statistic's mean eigenvalue (scale-free).
 
     Returns:
         The new :class:`FactorState`.
@@ -171,7 +186,7 @@ def update_preconditioner(
     alpha = 0.0 if kfac_like else alpha1
     half = 0.5 * ((1.0 - alpha) if normalize_lr_cov else 1.0)
     nu_K, nu_C = _directions(state, H_K, H_C, damping=damping, unscale=unscale,
-                             kfac_like=kfac_like, half=half)
+                             kfac_like=kfac_like, half=half, relative_damping=relative_damping)
     opts = dict(lr=lr_cov, alpha=alpha, normalize=normalize_lr_cov, retraction=retraction,
                 trust_region=trust_region)
     K, m_K = _factor_update(state.K, state.m_K, nu_K, **opts)

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from structvi.optim.attention import owners as attention_owners
 from structvi.structures.base import Structure
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "is_supported",
     "layer_dims",
     "supported_owners",
+    "weight_dims",
 ]
 
 SUPPORTED_MODULES = (nn.Linear, nn.Conv2d)
@@ -56,7 +58,8 @@ def is_supported(module: nn.Module) -> bool:
     """Whether ``module`` gets Kronecker factors.
 
     ``nn.MultiheadAttention``'s ``out_proj`` is a ``Linear`` that attention calls through
-    ``F.linear`` on its bare weight: its forward hook never runs, so it is not supported.
+    ``F.linear`` on its bare weight: its forward hook never runs, so it is not a layer of its
+    own here; :mod:`structvi.optim.attention` preconditions it with the input projection.
     """
     if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
         return False
@@ -65,7 +68,11 @@ def is_supported(module: nn.Module) -> bool:
 
 def layer_dims(module: nn.Module, has_bias: bool) -> tuple[int, int]:
     """``(d_K, d_C)``: input-side dimension (bias column included) and output dimension."""
-    weight = module.weight
+    return weight_dims(module.weight, has_bias)
+
+
+def weight_dims(weight: Tensor, has_bias: bool) -> tuple[int, int]:
+    """``(d_K, d_C)`` of a layer with this weight (conv weights flattened)."""
     return weight[0].numel() + int(has_bias), weight.shape[0]
 
 
@@ -80,9 +87,15 @@ class Layer:
 
 
 def supported_owners(model: nn.Module) -> dict[Tensor, list[tuple[str, nn.Module, str]]]:
-    """Parameter → ``[(layer name, layer, "weight" | "bias")]`` over supported layers."""
+    """Parameter → ``[(layer name, layer, "weight" | "bias")]`` over supported layers.
+
+    ``nn.MultiheadAttention`` contributes its input and output projections
+    (:func:`structvi.optim.attention.owners`).
+    """
     owners: dict[Tensor, list[tuple[str, nn.Module, str]]] = {}
     for name, module in model.named_modules():
+        for p, owner in attention_owners(name, module):
+            owners.setdefault(p, []).append(owner)
         if not is_supported(module):
             continue
         for role in ("weight", "bias"):

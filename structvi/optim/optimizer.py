@@ -12,10 +12,10 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from structvi.optim import _compile, robust
+from structvi.optim import _compile, attention, kfac, robust
 from structvi.optim._lifecycle import Lifecycle
 from structvi.optim import functional as F
-from structvi.optim import kfac
+from structvi.optim.describe import describe, diagnostics, log_summary
 from structvi.optim.config import check_group, factor_spec
 from structvi.optim.state import (
     read_structure,
@@ -33,8 +33,20 @@ __all__ = ["StructuredNGD"]
 class StructuredNGD(Lifecycle, Optimizer):
     r"""Structured inverse-free natural-gradient descent (INGD/SINGD, Lin et al. 2023, 2024).
 
+    A drop-in replacement for ``torch.optim.AdamW``: ``StructuredNGD(model)`` trains with
+    defaults chosen on a small benchmark suite (benchmarks/optim_defaults.py). Tuning in words
+    (docs/optimizer_tuning.md): ``lr`` is the Kronecker layers' step size — from a known AdamW
+    learning rate ``a``, use ``lr = 3a`` (the other parameters then run at ``a``); ``lr_cov``
+    and ``T`` set how fast and how often the preconditioner follows the curvature statistics
+    (``lr_cov=0`` freezes it); ``damping`` is relative to each statistic's mean eigenvalue
+    (larger: closer to per-layer-normalized SGD); ``structures`` trades the preconditioner's
+    fidelity for cost. :meth:`describe` lists every parameter's rule (a summary is logged at
+    ``INFO`` on the ``structvi.optim`` logger at construction) and :meth:`diagnostics` tells a
+    preconditioner that moves from one that does not.
+
     Every ``nn.Linear`` (any leading dimensions) and ``nn.Conv2d`` (stride, padding, dilation,
-    groups) layer whose weight is trained gets a Kronecker preconditioner
+    groups) layer whose weight is trained, and the input and output projections of
+    ``nn.MultiheadAttention`` (:mod:`structvi.optim.attention`), get a Kronecker preconditioner
     :math:`(KK^\top) \otimes (CC^\top)` with covariance-side factors :math:`K \in \mathcal{L}_K`
     (input side, bias column included) and :math:`C \in \mathcal{L}_C` (output side) of any
     structure in :mod:`structvi.structures`; only matrix products are used (no inverse or
@@ -67,10 +79,20 @@ class StructuredNGD(Lifecycle, Optimizer):
     :math:`\beta_1` by :math:`\beta_1/\max(1, \max_{ij}|m|)`. :math:`s_t` is the GradScaler
     scale and :math:`u = s_{t-1}/s_t^2` (MATH §3.7).
 
+    With ``normalize_preconditioner`` (default) the step uses the preconditioner's shape only and
+    a per-layer Adam-like scale: :math:`D = \hat G / (\overline{\mathrm{tr}}(KK^\top)
+    \overline{\mathrm{tr}}(CC^\top))`, :math:`v \leftarrow \beta v + (1-\beta)\,
+    \mathrm{mean}(D^2)` (``beta2``), and :math:`D / (\sqrt{v/(1-\beta^t)} + \epsilon)` replaces
+    :math:`\hat G` in the momentum. With ``relative_damping`` (default) :math:`\lambda` multiplies
+    the mean eigenvalue of each factor's term: :math:`\lambda\,\overline{\mathrm{tr}}(\hat C)
+    \hat K` becomes :math:`\lambda\, c_K \mathrm{tr}(H_K)/\mathrm{tr}(\hat K)\,\hat K` with
+    :math:`c_K` the coefficient of :math:`H_K` (likewise for ``C``). ``normalize_preconditioner=
+    False, relative_damping=False, diagonal_lr_ratio=1`` is the published INGD/SINGD update.
+
     Every other trainable parameter (norm layers, embeddings, unsupported layers, a bias whose
     weight is not trained) follows a diagonal rule in the same optimizer — AdamW with
-    ``betas=(momentum, beta2)``, ``eps``, ``lr`` and decoupled ``weight_decay`` of its group
-    (:func:`structvi.optim.functional.diagonal_step`).
+    ``betas=(momentum, beta2)``, ``eps``, decoupled ``weight_decay`` and step size
+    ``lr · diagonal_lr_ratio`` of its group (:func:`structvi.optim.functional.diagonal_step`).
 
     Statistics are collected by a forward hook per layer that puts a tensor hook on the layer's
     output (so in-place activations work) on steps with :math:`t \bmod T = 0`; several
@@ -102,7 +124,7 @@ class StructuredNGD(Lifecycle, Optimizer):
         model: the network (not wrapped in ``DataParallel``/``DistributedDataParallel``).
         params: parameters or param groups; ``None`` trains every parameter of ``model`` that
             requires a gradient. A layer's weight and bias must be in the same group.
-        lr: ``β₂``, parameter step size.
+        lr: ``β₂``, step size of the Kronecker rule (default ``3e-3``).
         momentum: ``α₂`` (parameter momentum; ``β₁`` of the diagonal rule's AdamW).
         damping: ``λ``.
         alpha1: ``α₁``, momentum of ``m_K, m_C``.
@@ -127,8 +149,14 @@ class StructuredNGD(Lifecycle, Optimizer):
         normalize_lr_cov: normalized factor steps (see above).
         kfac_like: IKFAC update (``alpha1`` is then ignored).
         momentum_dtype: dtype of the parameter momenta (default: the parameter's dtype).
-        beta2: second-moment decay of the diagonal rule.
-        eps: denominator offset of the diagonal rule.
+        beta2: second-moment decay of the diagonal rule and of the normalized step.
+        eps: denominator offset of the diagonal rule and of the normalized step.
+        diagonal_lr_ratio: the diagonal rule's step size is ``lr · diagonal_lr_ratio`` (default
+            ``1/3``: AdamW's ``1e-3`` at the default ``lr``); a ratio, so lr schedulers scale
+            both rules; per param group like every hyper-parameter.
+        relative_damping: ``λ`` relative to each statistic's mean eigenvalue (scale-free).
+        normalize_preconditioner: trace-normalized preconditioner and per-layer RMS-normalized
+            step (see above).
         outlier_threshold: ``κ > 1`` of the outlier rule, or ``None`` to turn clipping off.
 
     Raises:
@@ -140,9 +168,9 @@ class StructuredNGD(Lifecycle, Optimizer):
     _step_supports_amp_scaling = True  # GradScaler passes grad_scale/found_inf (torch name)
 
     def __init__(
-        self, model: nn.Module, params: Iterable[Any] | None = None, lr: float = 1e-3,
-        momentum: float = 0.9, damping: float = 1e-3, alpha1: float = 0.5,
-        weight_decay: float = 0.0, T: int = 10, lr_cov: float | Callable[[int], float] = 1e-2,
+        self, model: nn.Module, params: Iterable[Any] | None = None, lr: float = 3e-3,
+        momentum: float = 0.9, damping: float = 0.1, alpha1: float = 0.5,
+        weight_decay: float = 0.0, T: int = 5, lr_cov: float | Callable[[int], float] = 0.1,
         structures: Any = ("dense", "dense"), kfac_approx: str = "expand",
         loss_average: str | None = "batch", retraction: str = "quadratic",
         trust_region: float | None = 1.0,
@@ -150,6 +178,8 @@ class StructuredNGD(Lifecycle, Optimizer):
         init_grad_scale: float = 1.0, normalize_lr_cov: bool = False, kfac_like: bool = False,
         momentum_dtype: torch.dtype | None = None, beta2: float = 0.999, eps: float = 1e-8,
         outlier_threshold: float | None = robust.DEFAULT_THRESHOLD,
+        diagonal_lr_ratio: float = 1 / 3, relative_damping: bool = True,
+        normalize_preconditioner: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -164,6 +194,8 @@ class StructuredNGD(Lifecycle, Optimizer):
             normalize_lr_cov=normalize_lr_cov, kfac_like=kfac_like,
             momentum_dtype=momentum_dtype, beta2=beta2, eps=eps,
             outlier_threshold=outlier_threshold,
+            diagonal_lr_ratio=diagonal_lr_ratio, relative_damping=relative_damping,
+            normalize_preconditioner=normalize_preconditioner,
         )
         self.reducer: F.Reducer = F.LOCAL
         self.skipped_steps = 0  # steps skipped for a non-finite gradient or statistic
@@ -179,6 +211,17 @@ class StructuredNGD(Lifecycle, Optimizer):
             self.close()  # leave the model as it was
             raise
         self._register_state_hooks()
+        log_summary(self)
+
+    def describe(self) -> str:
+        """Every trained parameter with its rule: a table (see :mod:`structvi.optim.describe`)."""
+        return describe(self)
+
+    def diagnostics(self) -> dict[str, dict[str, float]]:
+        """Per preconditioned layer: distance of ``KKᵀ``, ``CCᵀ`` from the identity (shape only)
+        and the cosine between the gradient and the preconditioned gradient
+        (:func:`structvi.optim.describe.diagnostics`)."""
+        return diagnostics(self)
 
     # ------------------------------------------------------------------ groups and layers
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -199,6 +242,7 @@ class StructuredNGD(Lifecycle, Optimizer):
     def _register_layers(self, index: int, initialize: bool = True) -> None:
         group = self.param_groups[index]
         new = []
+        by_role = {(n, r): q for q, owned in self._owners.items() for n, _, r in owned}
         for p in group["params"]:
             owners = self._owners.get(p, [])
             if len(owners) > 1:
@@ -208,7 +252,7 @@ class StructuredNGD(Lifecycle, Optimizer):
             if not owners:
                 continue
             name, module, role = owners[0]
-            other = module.bias if role == "weight" else module.weight
+            other = by_role.get((name, "bias" if role == "weight" else "weight"))
             other_index = self._group_index.get(other) if other is not None else None
             if other_index is not None and other_index != index:
                 w, b = (index, other_index) if role == "weight" else (other_index, index)
@@ -239,7 +283,7 @@ class StructuredNGD(Lifecycle, Optimizer):
         self._sync_collecting(layer)
 
     def _specs(self, layer: kfac.Layer, group: dict[str, Any]) -> tuple[dict, dict]:
-        dim_K, dim_C = kfac.layer_dims(layer.module, layer.bias is not None)
+        dim_K, dim_C = kfac.weight_dims(layer.weight, layer.bias is not None)
         K_entry, C_entry = group["structures"]
         return (factor_spec(K_entry, dim_K, f"K of layer {layer.name!r}"),
                 factor_spec(C_entry, dim_C, f"C of layer {layer.name!r}"))
@@ -292,6 +336,7 @@ class StructuredNGD(Lifecycle, Optimizer):
         self._factor_cache.clear()
         self._gram_cache.clear()
         self._backward_norms.clear()
+        self._scale_cache.clear()
         for index, group in enumerate(self.param_groups):
             check_group(group, index)
             robust.check_group(group, index)
@@ -335,13 +380,27 @@ class StructuredNGD(Lifecycle, Optimizer):
             previous_scale = float(state["grad_scale"])
             if previous_scale != 1.0:
                 g = g / math.sqrt(previous_scale)
-            stats = self._stats.get(layer.weight)
-            if stats is None:
-                stats = kfac.KroneckerStatistics(mean_loss=group["loss_average"] is not None)
-                self._stats[layer.weight] = stats
-            first_in_forward = stats.last_forward != forward_id
-            stats.last_forward = forward_id
-            stats.add(factors.K, factors.C, a, g, n_loss if first_in_forward else 0)
+            self._accumulate(layer, a, g, n_loss, forward_id)
+
+    def _collects(self, layer: kfac.Layer) -> bool:
+        """Whether ``layer`` records statistics in this step (``step % T == 0``)."""
+        return self._collecting.get(layer.module, False)
+
+    def _attention_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        attention.forward_hook(self, module, args, kwargs, output)
+
+    def _accumulate(self, layer: kfac.Layer, a: Tensor, g: Tensor, n_loss: int,
+                    forward_id: int) -> None:
+        """Add one backward pass's rows ``a`` and (GradScaler-corrected) ``g`` of ``layer``."""
+        group = self.param_groups[self._group_index[layer.weight]]
+        factors = self._factors(layer)
+        stats = self._stats.get(layer.weight)
+        if stats is None:
+            stats = kfac.KroneckerStatistics(mean_loss=group["loss_average"] is not None)
+            self._stats[layer.weight] = stats
+        first_in_forward = stats.last_forward != forward_id
+        stats.last_forward = forward_id
+        stats.add(factors.K, factors.C, a, g, n_loss if first_in_forward else 0)
 
     def close(self) -> None:
         """Remove every hook this optimizer installed (the optimizer keeps its state)."""
@@ -413,6 +472,8 @@ class StructuredNGD(Lifecycle, Optimizer):
             CCt = cached[2] if CCt is None else CCt
         direction = F.precondition(G, factors.K, factors.C, KKt, CCt, overwrite=True)
         direction = self.reducer.gradient(direction, group["loss_average"])
+        if group["normalize_preconditioner"]:
+            direction = self._normalize(layer, group, factors, direction, step)
         parts = (direction,) if layer.bias is None else (direction[:, :-1], direction[:, -1])
         for param, part in zip((layer.weight, layer.bias), parts):
             F.momentum_step(param, part.reshape(param.shape), self._momentum_buffer(param, group),
@@ -421,6 +482,31 @@ class StructuredNGD(Lifecycle, Optimizer):
         set_counters(state, step + 1, scale)
         robust.write_running(state, verdict)
         self._sync_collecting(layer)
+
+    def _normalize(self, layer: kfac.Layer, group: dict[str, Any], factors: F.FactorState,
+                   direction: Tensor, step: int) -> Tensor:
+        """``normalize_preconditioner``: ``d ← d / (tr̄(KKᵀ) tr̄(CCᵀ))``, then ``d ← d / (√v̂ + ε)``
+        with ``v ← β v + (1−β) mean(d²)`` (``β = beta2``, ``v̂`` bias-corrected), in place."""
+        direction = direction.mul_(self._trace_scale(layer, factors).to(direction.dtype))
+        state = self.state[layer.weight]
+        beta = group["beta2"]
+        sq = state.get("direction_sq")
+        if sq is None:
+            sq = state["direction_sq"] = torch.zeros((), dtype=torch.float32,
+                                                     device=direction.device)
+        sq.mul_(beta).add_(direction.square().mean().float(), alpha=1.0 - beta)
+        rms = (sq / (1.0 - beta ** (step + 1))).sqrt_().add_(group["eps"])
+        return direction.div_(rms.to(direction.dtype))
+
+    def _trace_scale(self, layer: kfac.Layer, factors: F.FactorState) -> Tensor:
+        """``1 / (tr̄(K Kᵀ) tr̄(C Cᵀ))``, cached until the factors change."""
+        cached = self._scale_cache.get(layer.weight)
+        if cached is None or cached[0] is not factors:
+            mean = (F.gram_project(factors.K).trace() / factors.K.dim
+                    * F.gram_project(factors.C).trace() / factors.C.dim)
+            cached = (factors, 1.0 / mean.float())
+            self._scale_cache[layer.weight] = cached
+        return cached[1]
 
     def _scratch_matrix(self, layer: kfac.Layer) -> Tensor:
         """A ``(d_C, d_K)`` view of the shared scratch buffer for the layer's gradient matrix."""
@@ -450,7 +536,7 @@ class StructuredNGD(Lifecycle, Optimizer):
             alpha1=group["alpha1"], damping=group["damping"],
             unscale=float(state["grad_scale"]) / scale**2, kfac_like=group["kfac_like"],
             normalize_lr_cov=group["normalize_lr_cov"], retraction=group["retraction"],
-            trust_region=group["trust_region"],
+            trust_region=group["trust_region"], relative_damping=group["relative_damping"],
         )
         for key in ("K", "C", "m_K", "m_C"):
             if getattr(new, key) is not None:
@@ -483,6 +569,7 @@ class StructuredNGD(Lifecycle, Optimizer):
         step = int(state["step"]) + 1
         state["step"] = torch.tensor(step)
         F.diagonal_step(param, grad, state["exp_avg"], state["exp_avg_sq"], step,
-                        lr=group["lr"], momentum=group["momentum"], beta2=group["beta2"],
+                        lr=group["lr"] * group["diagonal_lr_ratio"], momentum=group["momentum"],
+                        beta2=group["beta2"],
                         eps=group["eps"], weight_decay=group["weight_decay"])
         robust.write_running(state, verdict)

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from structvi.optim import StructuredNGD
+from tests.optim.helpers import SINGD_RULES
 
 
 def regression(seed: int = 0, n: int = 512, d: int = 8) -> tuple[Tensor, Tensor]:
@@ -25,7 +26,13 @@ def regression_net(seed: int = 0, d: int = 8, hidden: int = 32) -> nn.Module:
 
 
 def ngd(net: nn.Module, **options) -> torch.optim.Optimizer:
-    return StructuredNGD(net, **{"lr": 0.05, **options})
+    """The published INGD/SINGD update (no normalization) at a large step size."""
+    return StructuredNGD(net, **{"lr": 0.05, **SINGD_RULES, **options})
+
+
+def ngd_default(net: nn.Module, **options) -> torch.optim.Optimizer:
+    """The defaults (normalized step, relative damping)."""
+    return StructuredNGD(net, **options)
 
 
 def adamw(net: nn.Module) -> torch.optim.Optimizer:

@@ -20,6 +20,11 @@ STRUCTURE_OPTIONS = {
 OPTIMIZER_STRUCTURES = sorted(n for n in STRUCTURES if n not in ("kronecker", "block_sites"))
 
 
+# The INGD/SINGD update as published (absolute damping, unnormalized preconditioner, one lr for
+# both rules): tests that compare with singd or a dense reference of those formulas pass these.
+SINGD_RULES = dict(relative_damping=False, normalize_preconditioner=False, diagonal_lr_ratio=1.0)
+
+
 def spec(name: str) -> dict:
     """``{"name": name, **test options}`` for the ``structures`` argument."""
     return {"name": name, **STRUCTURE_OPTIONS.get(name, {})}

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev
 
 from structvi.optim import StructuredNGD
-from tests.optim.helpers import mlp
+from tests.optim.helpers import SINGD_RULES, mlp
 
 DT = torch.float64
 
@@ -110,7 +110,7 @@ DAMPING = 0.1
 
 def _ikfac(net: nn.Module, lr_cov: float) -> StructuredNGD:
     return StructuredNGD(net, lr=0.0, momentum=0.0, damping=DAMPING, alpha1=0.0, T=1,
-                         lr_cov=lr_cov, structures="dense", kfac_like=True)
+                         lr_cov=lr_cov, structures="dense", kfac_like=True, **SINGD_RULES)
 
 
 def _backward(net: nn.Module, x: Tensor, y: Tensor) -> None:

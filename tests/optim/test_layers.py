@@ -14,7 +14,8 @@ from structvi.optim import StructuredNGD
 from tests.optim.helpers import batches, copies, mlp, seq_loss
 
 DT = torch.float64
-KW = dict(lr=0.05, lr_cov=0.1, T=1, weight_decay=1e-2, momentum=0.8, beta2=0.99, eps=1e-6)
+KW = dict(lr=0.05, lr_cov=0.1, T=1, weight_decay=1e-2, momentum=0.8, beta2=0.99, eps=1e-6,
+          diagonal_lr_ratio=1.0)
 
 
 class _Tagger(nn.Module):
@@ -44,18 +45,21 @@ def _train_tagger(net, opt, steps=4):
 
 
 def test_other_parameters_follow_adamw():
-    """Norms, embeddings, attention weights: the diagonal rule, AdamW(betas=(momentum, beta2))."""
+    """Norms and embeddings: the diagonal rule, AdamW(betas=(momentum, beta2)); the attention
+    projections are preconditioned (tests/optim/test_attention.py)."""
     torch.manual_seed(0)
     net = _Tagger().to(DT)
     ours, ref = copies(net)
     opt = StructuredNGD(ours, **KW)
-    assert {m for m in (ours.head,) if opt.preconditioner(m)} == {ours.head}
+    layers = (ours.head, ours.attn, ours.attn.out_proj)
+    assert {m for m in layers if opt.preconditioner(m)} == set(layers)
     with pytest.raises(ValueError, match="no preconditioner"):
-        opt.preconditioner(ours.attn.out_proj)  # F.linear inside attention: not hookable
-    others = [p for n, p in ref.named_parameters() if not n.startswith("head")]
+        opt.preconditioner(ours.norm)
+    others = [p for n, p in ref.named_parameters() if n.startswith(("emb", "norm"))]
     adamw = torch.optim.AdamW(others, lr=KW["lr"], betas=(KW["momentum"], KW["beta2"]),
                               eps=KW["eps"], weight_decay=KW["weight_decay"])
-    ref_head = StructuredNGD(ref, list(ref.head.parameters()), **KW)
+    kronecker = [p for n, p in ref.named_parameters() if n.startswith(("head", "attn"))]
+    ref_head = StructuredNGD(ref, kronecker, **KW)
     _train_tagger(ours, opt)
     _train_tagger(ref, _Both(adamw, ref_head))
     for (name, p), q in zip(ours.named_parameters(), ref.parameters()):

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from structvi.optim import StructuredNGD
-from tests.optim.helpers import batches, cnn, mlp, seq_loss
+from tests.optim.helpers import SINGD_RULES, batches, cnn, mlp, seq_loss
 
 pytestmark = pytest.mark.lowprec
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -54,7 +54,8 @@ def test_pure_bf16_conv_net_stays_finite():
 def test_fp16_autocast_with_a_dynamic_grad_scaler():
     """Overflowing first steps are skipped, the scale backs off, training proceeds."""
     net = mlp(dtype=torch.float32)
-    opt = StructuredNGD(net, T=1, lr=0.1, init_grad_scale=2.0**20)
+    opt = StructuredNGD(net, T=1, lr=0.1, init_grad_scale=2.0**20,
+                        damping=1e-3, lr_cov=1e-2, **SINGD_RULES)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**20, growth_interval=10)
     teacher = torch.randn(5, 6, generator=torch.Generator().manual_seed(0))
     data = [(x, (x.mean(1) @ teacher).argmax(1)) for x, _ in batches((16, 3, 5), 6, 60,
@@ -97,7 +98,7 @@ def _digits_accuracy(mode: str, epochs: int = 15) -> float:
     Xtr, ytr, Xte, yte = _digits()
     dtype = torch.bfloat16 if mode == "pure_bf16" else torch.float32
     net = _digits_cnn().to(dtype)
-    opt = StructuredNGD(net, lr=0.01, T=5, lr_cov=0.05, damping=1e-2)
+    opt = StructuredNGD(net)  # the defaults
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * 23)
     gen = torch.Generator().manual_seed(1)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast_bf16")

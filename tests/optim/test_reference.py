@@ -18,6 +18,7 @@ from structvi.optim import StructuredNGD
 from structvi.structures import make_structure
 from tests.optim.helpers import (
     OPTIMIZER_STRUCTURES,
+    SINGD_RULES,
     batches,
     capture,
     cnn,
@@ -27,7 +28,8 @@ from tests.optim.helpers import (
     spec,
 )
 
-HP = dict(lr=0.1, momentum=0.9, damping=0.1, alpha1=0.5, weight_decay=1e-2, lr_cov=0.1)
+HP = dict(lr=0.1, momentum=0.9, damping=0.1, alpha1=0.5, weight_decay=1e-2, lr_cov=0.1,
+          **SINGD_RULES)
 STEPS = 8
 TOL = dict(rtol=1e-10, atol=1e-12)
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from structvi.optim import StructuredNGD
 from structvi.structures import STRUCTURES
-from tests.optim.helpers import batches, cnn, copies, max_rel_diff, mlp, train
+from tests.optim.helpers import SINGD_RULES, batches, cnn, copies, max_rel_diff, mlp, train
 
 singd_optim = pytest.importorskip("singd.optim.optimizer")
 
@@ -41,7 +41,7 @@ def _compare(net, data, loss_fn, **options):
         warnings.simplefilter("ignore", UserWarning)  # singd's naive-fallback warnings
         train(theirs, singd_optim.SINGD(theirs, **options), data, loss_fn)
     train(ours, StructuredNGD(ours, retraction="first_order", trust_region=None,
-                              outlier_threshold=None, **options),
+                              outlier_threshold=None, **options, **SINGD_RULES),
           data, loss_fn)
     assert max_rel_diff(net, ours) > 1e-2, "training did not move the weights"
     assert max_rel_diff(theirs, ours) < 1e-9
