@@ -21,7 +21,8 @@ __all__ = ["calibration", "predict"]
 
 
 def _softmax(logits: Tensor) -> Tensor:
-    return torch.softmax(logits.float(), dim=-1)
+    wide = logits.dtype in (torch.float32, torch.float64)
+    return torch.softmax(logits if wide else logits.float(), dim=-1)
 
 
 def _sampler(optimizer: Any, generator: torch.Generator | None) -> Callable[[], Any]:
@@ -60,7 +61,7 @@ def predict(
         generator: source of the draws (needs ``sampled_params(generator=...)``).
         batch_size: rows of ``x`` per forward pass (``None``: all at once).
         link: maps the model output to probabilities (default: softmax over the last
-            dimension, in float32); ``None`` averages the raw outputs.
+            dimension, in float32 or wider); ``None`` averages the raw outputs.
 
     Returns:
         The averaged probabilities, shape of ``link(model(x))``, float32 or wider.
