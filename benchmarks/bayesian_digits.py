@@ -71,6 +71,9 @@ METHODS: dict[str, tuple[Callable, list[dict], bool]] = {
     "IVON": (_ivon, [dict(lr=0.3), dict(lr=0.2), dict(lr=0.5)], True),
     "VariationalNGD-dense": (_vngd("dense"), [dict(lr=lr, **prior) for prior in _PRIORS
                                               for lr in (1e-2, 5e-3)], True),
+    "VariationalNGD-diagonal": (_vngd("diagonal"), [dict(lr=lr, prior_precision=1.0,
+                                                         temperature=0.3) for lr in (5e-3, 1e-2)],
+                                True),
 }
 
 

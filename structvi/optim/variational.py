@@ -209,6 +209,8 @@ class VariationalNGD(StructuredNGD):
             raise RuntimeError("sampled_params: already inside a sampled_params block; "
                                "exit it before drawing again")
         flip = train and self.antithetic and self._train_draws % 2 == 1
+        if train and self._train_draws:
+            self._keep_first_gradients()
         try:
             self._draw(generator, flip=flip, keep=train and self.antithetic)
             yield
@@ -248,15 +250,18 @@ class VariationalNGD(StructuredNGD):
         """``W = μ + ρ C E Kᵀ`` (``E`` standard normal, shape ``d_o × d_K``)."""
         factors = self._factors(layer)
         K, C = factors.K, factors.C
-        d_K, d_C = K.dim, C.dim
-        E = self._noise(layer.weight, (d_C, d_K), C.dtype, layer.weight.device, generator,
+        E = self._noise(layer.weight, (C.dim, K.dim), C.dtype, layer.weight.device, generator,
                         flip, keep)
         CE = C.matmul(E)
-        noise = K.matmul(CE.T.to(K.dtype)).T * self.rho(group)
+        if K.name == "dense":  # (CE) Kᵀ in one product
+            noise = CE.to(K.dtype) @ K.to_dense().T
+        else:
+            noise = K.matmul(CE.T.to(K.dtype)).T
+        rho = self.rho(group)
         weight_noise = noise if layer.bias is None else noise[:, :-1]
-        self._swap(layer.weight, weight_noise.reshape(layer.weight.shape))
+        self._swap(layer.weight, weight_noise.reshape(layer.weight.shape), rho)
         if layer.bias is not None:
-            self._swap(layer.bias, noise[:, -1])
+            self._swap(layer.bias, noise[:, -1], rho)
 
     def _draw_diagonal(self, p: Tensor, group: dict[str, Any],
                        generator: torch.Generator | None, flip: bool, keep: bool) -> None:
@@ -267,15 +272,25 @@ class VariationalNGD(StructuredNGD):
         if "exp_avg_sq" in state:
             t = int(state["step"])
             h = state["exp_avg_sq"].to(dtype) + group["beta2"] ** t
-        std = self.rho(group) / (h + group["damping"]).sqrt()
+        std = (h + group["damping"]).rsqrt()
         E = self._noise(p, tuple(p.shape), dtype, p.device, generator, flip, keep)
-        self._swap(p, E * std)
+        self._swap(p, E * std, self.rho(group))
 
-    def _swap(self, p: Tensor, noise: Tensor) -> None:
-        """Keep ``p``'s mean tensor aside and give ``p`` a new tensor ``mean + noise``."""
+    def _swap(self, p: Tensor, noise: Tensor, scale: float) -> None:
+        """Keep ``p``'s mean tensor aside and give ``p`` a new tensor ``mean + scale·noise``."""
         mean = p.data
         self._means[p] = mean
-        p.data = (mean.to(noise.dtype) + noise).to(mean.dtype)
+        if noise.dtype == mean.dtype:
+            p.data = torch.add(mean, noise, alpha=scale)
+        else:  # low-precision parameter: add in the noise's (wider) dtype, round once
+            p.data = torch.add(mean.to(noise.dtype), noise, alpha=scale).to(mean.dtype)
+
+    def _keep_first_gradients(self) -> None:
+        """Before a second draw: copy the first draw's gradients (kept by reference so far),
+        which zeroing in place would otherwise overwrite."""
+        for p, total in self._grad_sum.items():
+            if total is p.grad:
+                self._grad_sum[p] = total.clone()
 
     def _collect_gradients(self) -> None:
         for _, p in self._params():
@@ -283,9 +298,9 @@ class VariationalNGD(StructuredNGD):
                 continue
             total = self._grad_sum.get(p)
             if total is None:
-                self._grad_sum[p] = p.grad.detach().clone()
+                self._grad_sum[p] = p.grad  # a reference: one draw costs no copy
             else:
-                total.add_(p.grad)
+                self._grad_sum[p] = total.add_(p.grad) if total is not p.grad else total
         self._train_draws += 1
 
     # ------------------------------------------------------------------ step
@@ -317,10 +332,13 @@ class VariationalNGD(StructuredNGD):
         return loss
 
     def _use_sampled_gradients(self, draws: int) -> None:
-        """``p.grad ← mean of the draws' gradients``; statistics averaged over the draws."""
-        for p, total in self._grad_sum.items():
-            p.grad = total if draws == 1 else total.div_(draws)
+        """``p.grad ← mean of the draws' gradients``; statistics averaged over the draws.
+
+        One draw: ``p.grad`` is used as it is (e.g. clipped in place after the draw).
+        """
         if draws > 1:
+            for p, total in self._grad_sum.items():
+                p.grad = total.div_(draws)
             for weight, stats in list(self._stats.items()):
                 self._stats[weight] = _SampleAveraged(stats, draws)
 
