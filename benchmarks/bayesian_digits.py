@@ -63,17 +63,16 @@ def _adamw(model: nn.Module, cfg: dict, n: int) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), **cfg)
 
 
-_PRIORS = [dict(prior_precision=0.3, temperature=1.0), dict(prior_precision=1.0, temperature=0.3)]
+_PRIORS = [dict(prior_precision=3.0, temperature=0.3), dict(prior_precision=0.3, temperature=1.0)]
 # name → (factory(model, config, data_size), configs tried on seed 0, Bayesian prediction)
 METHODS: dict[str, tuple[Callable, list[dict], bool]] = {
     "AdamW": (_adamw, [dict(lr=3e-3), dict(lr=1e-2)], False),
     "StructuredNGD-dense": (_ngd, [dict(lr=3e-3), dict(lr=1e-2)], False),
     "IVON": (_ivon, [dict(lr=0.3), dict(lr=0.2), dict(lr=0.5)], True),
     "VariationalNGD-dense": (_vngd("dense"), [dict(lr=lr, **prior) for prior in _PRIORS
-                                              for lr in (1e-2, 5e-3)], True),
-    "VariationalNGD-diagonal": (_vngd("diagonal"), [dict(lr=lr, prior_precision=1.0,
-                                                         temperature=0.3) for lr in (5e-3, 1e-2)],
-                                True),
+                                              for lr in (1e-2, 3e-3)], True),
+    "VariationalNGD-diagonal": (_vngd("diagonal"), [dict(lr=5e-3, prior_precision=3.0,
+                                                         temperature=0.3)], True),
 }
 
 

@@ -51,7 +51,7 @@ def optimizers(n_train: int) -> dict:
         "StructuredNGD": (lambda m: StructuredNGD(m, lr=3e-3, T=10, lr_cov=0.05, damping=1e-2),
                           False),
         "VariationalNGD": (lambda m: VariationalNGD(
-            m, data_size=n_train, prior_precision=1.0, temperature=0.3, lr=1e-2, T=10,
+            m, data_size=n_train, prior_precision=3.0, temperature=0.3, lr=1e-2, T=10,
             lr_cov=0.05), True),
     }
     try:

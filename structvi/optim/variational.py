@@ -9,7 +9,7 @@ supported layer (``Linear``, ``Conv2d``; bias as a last input column) with mean 
 
 (column-major ``vec``), every other trained parameter a diagonal Gaussian, and the optimizer
 minimizes the per-datum tempered negative ELBO
-:math:`\mathbb{E}_q[\bar\ell] + \tfrac{\tau}{N}\,\mathrm{KL}(q \,\|\, \mathcal{N}(0, \delta^{-1} I))`.
+:math:`\mathbb{E}_q[\bar\ell] + \tfrac{\tau}{N}\mathrm{KL}(q \| \mathcal{N}(0, \delta^{-1} I))`.
 The factor updates are StructuredNGD's with the damping set to :math:`\lambda = \tau\delta/N`
 and statistics taken at weight samples, so that at their fixed point
 :math:`(KK^\top \otimes CC^\top)^{-1} \approx \mathbb{E}_q[\bar A \otimes \bar G] + \lambda I`;
@@ -117,6 +117,10 @@ class VariationalNGD(StructuredNGD):
         preconditioner_dtype: ``"auto"`` (default) keeps ``K, C`` in float32 when a parameter is
             bf16/fp16 and in the weight dtype otherwise; or a pair as in StructuredNGD.
         momentum_dtype: ``"auto"`` (default): float32 momenta for bf16/fp16 parameters.
+        master_means: keep a float32 copy of the mean of every bf16/fp16 parameter in the
+            state (key ``"mean"``): steps update it and the parameter holds it rounded, so
+            updates below the parameter's precision are not lost and draws are made around the
+            float32 mean. ``None`` (default): on when a trained parameter is bf16/fp16.
         **kwargs: any other StructuredNGD argument (``lr``, ``structures``, ``T``, ``lr_cov``,
             ...) except ``damping``, which is ``τδ/N`` here.
 
@@ -131,7 +135,7 @@ class VariationalNGD(StructuredNGD):
         self, model: nn.Module, params: Iterable[Any] | None = None, *, data_size: float,
         prior_precision: float = 1.0, temperature: float = 1.0, mc_samples: int = 1,
         antithetic: bool = False, preconditioner_dtype: Any = "auto",
-        momentum_dtype: Any = "auto", **kwargs: Any,
+        momentum_dtype: Any = "auto", master_means: bool | None = None, **kwargs: Any,
     ) -> None:
         if "damping" in kwargs:
             raise TypeError("VariationalNGD: damping is set by the prior, λ = temperature · "
@@ -150,6 +154,10 @@ class VariationalNGD(StructuredNGD):
         self._last_noise: dict[Tensor, Tensor] = {}  # antithetic: the previous draw's noise
         self._train_draws = 0
         half = any(p.dtype in _HALF for p in model.parameters() if p.requires_grad)
+        if master_means is not None and not isinstance(master_means, bool):
+            raise ValueError(f"master_means must be None or a bool, got "
+                             f"master_means={master_means!r}")
+        self.master_means = half if master_means is None else master_means
         if preconditioner_dtype == "auto":
             preconditioner_dtype = (torch.float32, torch.float32) if half else (None, None)
         if momentum_dtype == "auto":
@@ -277,10 +285,14 @@ class VariationalNGD(StructuredNGD):
         self._swap(p, E * std, self.rho(group))
 
     def _swap(self, p: Tensor, noise: Tensor, scale: float) -> None:
-        """Keep ``p``'s mean tensor aside and give ``p`` a new tensor ``mean + scale·noise``."""
+        """Keep ``p``'s mean tensor aside and give ``p`` a new tensor ``mean + scale·noise``
+        (around the float32 master mean when there is one)."""
         mean = p.data
         self._means[p] = mean
-        if noise.dtype == mean.dtype:
+        master = self._master(p)
+        if master is not None:
+            p.data = torch.add(master.to(noise.dtype), noise, alpha=scale).to(mean.dtype)
+        elif noise.dtype == mean.dtype:
             p.data = torch.add(mean, noise, alpha=scale)
         else:  # low-precision parameter: add in the noise's (wider) dtype, round once
             p.data = torch.add(mean.to(noise.dtype), noise, alpha=scale).to(mean.dtype)
@@ -302,6 +314,33 @@ class VariationalNGD(StructuredNGD):
             else:
                 self._grad_sum[p] = total.add_(p.grad) if total is not p.grad else total
         self._train_draws += 1
+
+    # ------------------------------------------------------------------ master means
+    def _master(self, p: Tensor) -> Tensor | None:
+        """The float32 mean of a half-precision ``p`` (created, or re-synced when ``p`` was
+        changed from outside, e.g. by ``load_state_dict`` of the model)."""
+        if not self.master_means or p.dtype not in _HALF:
+            return None
+        state = self.state[p]
+        master = state.get("mean")
+        if master is None or not torch.equal(master.to(p.dtype), p.data):
+            master = state["mean"] = p.detach().to(torch.float32, copy=True)
+        return master
+
+    @contextlib.contextmanager
+    def _masters_in_place(self) -> Iterator[None]:
+        """During the base step, half-precision parameters hold their float32 masters."""
+        held = {}
+        for _, p in self._params():
+            master = self._master(p) if p.grad is not None else None
+            if master is not None:
+                held[p] = p.dtype
+                p.data = master
+        try:
+            yield
+        finally:
+            for p, dtype in held.items():
+                p.data = p.data.to(dtype)
 
     # ------------------------------------------------------------------ step
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -328,7 +367,8 @@ class VariationalNGD(StructuredNGD):
         self._train_draws = 0
         self._grad_sum.clear()
         self._last_noise.clear()
-        super().step()
+        with self._masters_in_place():
+            super().step()
         return loss
 
     def _use_sampled_gradients(self, draws: int) -> None:

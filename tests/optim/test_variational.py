@@ -99,10 +99,9 @@ def test_converges_to_kronecker_stationary_point(structure, temperature, dtype):
     def proj(M):
         return torch.diag(M.diagonal()) if structure == "diagonal" else M
 
-    nu_K = proj(tb(C.T @ Li @ C) * K.T @ A @ K + lam * tb(C.T @ C) * K.T @ K) - torch.eye(4,
-                                                                                         dtype=A.dtype)
-    nu_C = proj(tb(K.T @ A @ K) * C.T @ Li @ C + lam * tb(K.T @ K) * C.T @ C) - torch.eye(2,
-                                                                                         dtype=A.dtype)
+    eye_K, eye_C = torch.eye(4, dtype=A.dtype), torch.eye(2, dtype=A.dtype)
+    nu_K = proj(tb(C.T @ Li @ C) * K.T @ A @ K + lam * tb(C.T @ C) * K.T @ K) - eye_K
+    nu_C = proj(tb(K.T @ A @ K) * C.T @ Li @ C + lam * tb(K.T @ K) * C.T @ C) - eye_C
     assert nu_K.abs().max() < tol["fixed"] and nu_C.abs().max() < tol["fixed"]
     # Mean: (A ⊗ Λ⁻¹ + λI) vec μ = vec(Λ⁻¹ Yᵀ X̃ / n), column-major vec
     rhs = (Li @ Y.double().T @ Xt.double() / N_DATA).T.reshape(-1)

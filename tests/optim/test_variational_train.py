@@ -236,3 +236,48 @@ def test_predict_bad_arguments():
         predict(model, opt, X, batch_size=0)
     with pytest.raises(TypeError, match="sampled_params"):
         predict(model, torch.optim.SGD(model.parameters(), lr=0.1), X, samples=2)
+
+
+@pytest.mark.lowprec
+def test_bf16_master_means_hold_what_bf16_rounds_away():
+    """bf16 parameters keep a float32 mean in the state; the parameter is that mean rounded,
+    and steps far below bf16's resolution still move it (they would be lost in bf16)."""
+    X, y = data(n=96, dtype=torch.bfloat16)
+    model = classifier(torch.bfloat16)
+    opt = VariationalNGD(model, data_size=96, lr=1e-4, T=2, lr_cov=0.1, temperature=0.0)
+    start = [p.detach().float().clone() for p in model.parameters()]
+    train(model, opt, X, y, 3, torch.Generator().manual_seed(0))
+    for p, p0 in zip(model.parameters(), start):
+        mean = opt.state[p]["mean"]
+        assert mean.dtype == torch.float32 and torch.equal(mean.to(torch.bfloat16), p.detach())
+        assert (mean != p0).any()
+    for p, p0 in zip((model[0].weight, model[3].weight), (start[0], start[4])):
+        mean, ulp = opt.state[p]["mean"], p0.abs() * 2**-8  # bf16 spacing near each weight
+        below = ((mean - p0).abs() < ulp / 2) & (mean != p0)
+        assert below.float().mean() > 0.5  # most moves are below bf16's resolution
+    off = classifier(torch.bfloat16)
+    opt_off = VariationalNGD(off, data_size=96, lr=1e-4, T=2, lr_cov=0.1, temperature=0.0,
+                             master_means=False)
+    train(off, opt_off, X, y, 3, torch.Generator().manual_seed(0))
+    assert "mean" not in opt_off.state[off[0].weight]
+
+
+@pytest.mark.lowprec
+def test_bf16_state_dict_round_trip_continues_in_lock_step():
+    X, y = data(dtype=torch.bfloat16)
+    model = classifier(torch.bfloat16)
+    opt = VariationalNGD(model, **KW)
+    gen = torch.Generator().manual_seed(0)
+    train(model, opt, X, y, 3, gen)
+    saved_model, saved_opt = _roundtrip(model.state_dict()), _roundtrip(opt.state_dict())
+    gen_state = gen.get_state()
+    train(model, opt, X, y, 3, gen)
+    other = classifier(torch.bfloat16, seed=9)
+    other.load_state_dict(saved_model)
+    other_opt = VariationalNGD(other, **KW)
+    other_opt.load_state_dict(saved_opt)
+    assert other_opt.state[other[0].weight]["mean"].dtype == torch.float32
+    assert other_opt.preconditioner(other[0]).K.dtype == torch.float32
+    train(other, other_opt, X, y, 3, torch.Generator().set_state(gen_state))
+    for a, b in zip(model.parameters(), other.parameters()):
+        assert torch.equal(a, b)
