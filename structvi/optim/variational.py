@@ -66,7 +66,7 @@ class VariationalNGD(StructuredNGD):
 
     A drop-in replacement for IVON's training loop::
 
-        opt = VariationalNGD(model, data_size=len(train_set), lr=0.05)
+        opt = VariationalNGD(model, data_size=len(train_set), lr=0.01)
         for x, y in loader:
             for _ in range(opt.mc_samples):
                 opt.zero_grad()
