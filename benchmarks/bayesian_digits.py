@@ -36,6 +36,7 @@ from structvi.optim import StructuredNGD, VariationalNGD, calibration, predict
 
 MODELS = {"MLP 64-128-128-10": mlp, "CNN": cnn}
 SAMPLES = 32
+MIN_BIN = 5
 VNGD = dict(T=10, lr_cov=0.05, alpha1=0.5, momentum=0.9)
 
 
@@ -250,11 +251,15 @@ def plot(results: dict, path: Path) -> None:
         ax.plot([0, 1], [0, 1], color="gray", lw=0.8, ls="--")
         for name, entry in methods.items():
             run0 = entry["fp32"]["runs"][0]
-            pts = [(b["conf"], b["acc"]) for b in run0["bins"] if b["count"]]
-            ax.plot(*zip(*pts), marker="o", ms=3,
+            bins = [b for b in run0["bins"] if b["count"] >= MIN_BIN]  # skip near-empty bins
+            ax.plot([b["conf"] for b in bins], [b["acc"] for b in bins], lw=1,
                     label=f"{name} (ECE {run0['ece']:.3f}, NLL {run0['nll']:.3f})")
-        ax.set(title=f"{model_name}: reliability (seed 0)", xlabel="confidence",
-               ylabel="accuracy", xlim=(0.3, 1.0), ylim=(0.3, 1.0))
+            ax.scatter([b["conf"] for b in bins], [b["acc"] for b in bins],
+                       s=[4 + b["count"] / 4 for b in bins])
+        ax.set(title=f"{model_name}: reliability (seed 0, bins with >= {MIN_BIN} points; "
+                     "marker area ~ count)", xlabel="confidence", ylabel="accuracy",
+               xlim=(0.3, 1.0), ylim=(0.3, 1.0))
+        ax.title.set_fontsize(9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -267,12 +272,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=None, help="JSON path (default by mode)")
     parser.add_argument("--methods", nargs="*", default=list(METHODS))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--plot-only", action="store_true",
+                        help="redraw the PNG from an existing JSON (no training)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=".*no statistics were recorded.*")
     epochs, grid, seeds, steps, rounds = (4, 1, 1, 5, 2) if args.quick else (30, 2, 3, 20, 5)
     default = "benchmarks/results/" + ("quick/" if args.quick else "") + "bayesian_digits.json"
     out = Path(args.out or default)
+    if args.plot_only:
+        result = json.loads(out.read_text())
+        plot(result["results"], out.with_suffix(".png"))
+        return result
     results = table(args.methods, epochs, grid, seeds, steps, rounds)
     config = dict(quick=args.quick, epochs=epochs, lr_grid_size=grid, seeds=seeds,
                   samples=SAMPLES, vngd=VNGD, ngd=NGD, torch=torch.__version__,
