@@ -208,7 +208,9 @@ class VariationalNGD(StructuredNGD):
 
         Args:
             train: keep the gradients computed inside as a training draw for :meth:`step`.
-            generator: source of the draw (``None``: torch's global generator).
+            generator: source of the draw (``None``: torch's global generator); a generator
+                on another device than the parameters (a CPU generator for CUDA parameters)
+                draws there and the noise is moved.
 
         Raises:
             RuntimeError: called inside another ``sampled_params`` block.
@@ -248,7 +250,12 @@ class VariationalNGD(StructuredNGD):
                ) -> Tensor:
         if flip and key in self._last_noise:
             return -self._last_noise.pop(key)
-        E = torch.randn(shape, dtype=dtype, device=device, generator=generator)
+        if generator is not None and generator.device.type != torch.device(device).type:
+            # e.g. a CPU generator for CUDA parameters: draw where the generator lives
+            E = torch.randn(shape, dtype=dtype, device=generator.device,
+                            generator=generator).to(device)
+        else:
+            E = torch.randn(shape, dtype=dtype, device=device, generator=generator)
         if keep:
             self._last_noise[key] = E
         return E
