@@ -219,8 +219,6 @@ class VariationalNGD(StructuredNGD):
             raise RuntimeError("sampled_params: already inside a sampled_params block; "
                                "exit it before drawing again")
         flip = train and self.antithetic and self._train_draws % 2 == 1
-        if train and self._train_draws:
-            self._keep_first_gradients()
         try:
             self._draw(generator, flip=flip, keep=train and self.antithetic)
             yield
@@ -304,22 +302,15 @@ class VariationalNGD(StructuredNGD):
         else:  # low-precision parameter: add in the noise's (wider) dtype, round once
             p.data = torch.add(mean.to(noise.dtype), noise, alpha=scale).to(mean.dtype)
 
-    def _keep_first_gradients(self) -> None:
-        """Before a second draw: copy the first draw's gradients (kept by reference so far),
-        which zeroing in place would otherwise overwrite."""
-        for p, total in self._grad_sum.items():
-            if total is p.grad:
-                self._grad_sum[p] = total.clone()
-
     def _collect_gradients(self) -> None:
         for _, p in self._params():
             if p.grad is None:
                 continue
             total = self._grad_sum.get(p)
-            if total is None:
-                self._grad_sum[p] = p.grad  # a reference: one draw costs no copy
+            if total is None:  # a copy: zeroing in place before the next draw must not erase it
+                self._grad_sum[p] = p.grad.detach().clone()
             else:
-                self._grad_sum[p] = total.add_(p.grad) if total is not p.grad else total
+                total.add_(p.grad)
         self._train_draws += 1
 
     # ------------------------------------------------------------------ master means
@@ -381,7 +372,8 @@ class VariationalNGD(StructuredNGD):
     def _use_sampled_gradients(self, draws: int) -> None:
         """``p.grad ← mean of the draws' gradients``; statistics averaged over the draws.
 
-        One draw: ``p.grad`` is used as it is (e.g. clipped in place after the draw).
+        One draw: ``p.grad`` is used as it is (e.g. clipped in place after the draw); several:
+        ``p.grad`` is replaced by the mean of the copies taken at the end of each draw.
         """
         if draws > 1:
             for p, total in self._grad_sum.items():

@@ -23,11 +23,11 @@ def data(n=48, seed=0, dtype=torch.float64):
     return X.to(dtype), y
 
 
-def train(model, opt, X, y, steps, gen, draws=1, batch=16):
+def train(model, opt, X, y, steps, gen, draws=1, batch=16, set_to_none=True):
     for t in range(steps):
         idx = torch.arange(t * batch, (t + 1) * batch) % len(y)
         for _ in range(draws):
-            opt.zero_grad()
+            opt.zero_grad(set_to_none=set_to_none)
             with opt.sampled_params(train=True, generator=gen):
                 nn.functional.cross_entropy(model(X[idx]).float(), y[idx]).backward()
         opt.step()
@@ -36,15 +36,19 @@ def train(model, opt, X, y, steps, gen, draws=1, batch=16):
 KW = dict(data_size=48, lr=0.05, T=2, lr_cov=0.1)
 
 
-def test_repeated_draws_average_gradients_and_statistics():
+@pytest.mark.parametrize("set_to_none", [True, False])
+@pytest.mark.parametrize("mc_samples", [1, 3])
+def test_repeated_draws_average_gradients_and_statistics(set_to_none, mc_samples):
     """At temperature 0 every draw is the mean: three training draws per step must give the
-    step of one draw (gradient and Kronecker statistics averaged over the draws)."""
+    step of one draw (gradient and Kronecker statistics averaged over the draws), however the
+    gradients are zeroed between draws."""
     X, y = data()
     runs = []
     for draws in (1, 3):
         model = classifier()
-        opt = VariationalNGD(model, temperature=0.0, **KW)
-        train(model, opt, X, y, 4, torch.Generator().manual_seed(0), draws=draws)
+        opt = VariationalNGD(model, temperature=0.0, mc_samples=mc_samples, **KW)
+        train(model, opt, X, y, 4, torch.Generator().manual_seed(0), draws=draws,
+              set_to_none=set_to_none)
         runs.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*runs):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
