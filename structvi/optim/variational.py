@@ -162,6 +162,13 @@ class VariationalNGD(StructuredNGD):
             preconditioner_dtype = (torch.float32, torch.float32) if half else (None, None)
         if momentum_dtype == "auto":
             momentum_dtype = torch.float32 if half else None
+        for name in ("relative_damping", "normalize_preconditioner"):
+            if kwargs.get(name):
+                raise ValueError(f"VariationalNGD: {name}=True is not a variational update (the "
+                                 f"damping is the prior and the step is the natural gradient); "
+                                 f"leave {name} unset")
+            kwargs[name] = False
+        kwargs.setdefault("diagonal_lr_ratio", 1.0)
         kwargs.setdefault("loss_average", "batch")
         super().__init__(model, params, damping=self._damping(self._prior_defaults),
                          preconditioner_dtype=preconditioner_dtype,
@@ -368,6 +375,13 @@ class VariationalNGD(StructuredNGD):
         with self._masters_in_place():
             super().step()
         return loss
+
+    def _grad_hook(self, param: Tensor) -> None:
+        """No gradient-norm record: :meth:`step` itself changes ``p.grad`` (the draws' average
+        and the prior term), so the base class's rule that rescales the statistics by the
+        change of the gradient norm between backward and ``step()`` (user clipping) does not
+        apply in the variational mode; the outlier and non-finite rules still do."""
+        del param
 
     def _use_sampled_gradients(self, draws: int) -> None:
         """``p.grad ← mean of the draws' gradients``; statistics averaged over the draws.

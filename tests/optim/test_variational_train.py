@@ -59,7 +59,8 @@ def test_temperature_zero_is_structured_ngd_with_no_prior():
     X, y = data()
     models = [classifier(), classifier()]
     var = VariationalNGD(models[0], temperature=0.0, **KW)
-    base = StructuredNGD(models[1], damping=0.0, lr=0.05, T=2, lr_cov=0.1)
+    base = StructuredNGD(models[1], damping=0.0, lr=0.05, T=2, lr_cov=0.1, relative_damping=False,
+                         normalize_preconditioner=False, diagonal_lr_ratio=1.0)
     train(models[0], var, X, y, 4, torch.Generator().manual_seed(0))
     for t in range(4):
         idx = torch.arange(t * 16, (t + 1) * 16) % len(y)
