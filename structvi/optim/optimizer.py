@@ -15,6 +15,7 @@ from torch.optim import Optimizer
 from structvi.optim import functional as F
 from structvi.optim import kfac
 from structvi.optim.config import check_group, factor_spec
+from structvi.optim.distributed import data_parallel_reducer
 from structvi.optim.state import (
     mark_callables,
     read_structure,
@@ -89,7 +90,8 @@ class StructuredNGD(Optimizer):
     to remove the hooks.
 
     Args:
-        model: the network (not wrapped in ``DataParallel``/``DistributedDataParallel``).
+        model: the network, or it wrapped in ``DistributedDataParallel`` (data-parallel
+            training: :mod:`structvi.optim.distributed`; not ``DataParallel``).
         params: parameters or param groups; ``None`` trains every parameter of ``model`` that
             requires a gradient. A layer's weight and bias must be in the same group.
         lr: ``β₂``, parameter step size.
@@ -121,7 +123,7 @@ class StructuredNGD(Optimizer):
         eps: denominator offset of the diagonal rule.
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module`` or is wrapped in (D)DP.
+        TypeError: ``model`` is not an ``nn.Module`` or is wrapped in ``DataParallel``.
         ValueError: a hyper-parameter out of range, an unknown or VI-only structure, bad
             structure options for a layer, or a weight and its bias in different groups.
     """
@@ -141,9 +143,12 @@ class StructuredNGD(Optimizer):
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            raise TypeError(f"model must not be wrapped in {type(model).__name__}; pass the "
-                            "underlying module")
+        ddp = None  # data parallel: structvi.optim.distributed (DDP unwrapped, reducer below)
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            ddp, model = model, model.module
+        if isinstance(model, nn.DataParallel):
+            raise TypeError("model must not be wrapped in DataParallel; use "
+                            "DistributedDataParallel or pass the underlying module")
         defaults = dict(
             lr=lr, momentum=momentum, damping=damping, alpha1=alpha1, weight_decay=weight_decay,
             T=T, lr_cov=lr_cov, structures=structures, kfac_approx=kfac_approx,
@@ -173,6 +178,7 @@ class StructuredNGD(Optimizer):
             params = [p for p in model.parameters() if p.requires_grad]
         try:
             super().__init__(params, defaults)
+            self.reducer = data_parallel_reducer(self, model, ddp)
         except Exception:
             self.close()  # leave the model as it was
             raise
