@@ -37,7 +37,7 @@ from structvi.engine import NGDState, NGDStats
 from structvi.estimators import Estimate, LogJoint, estimate
 from structvi.structures import Structure, structure_from_spec
 
-__all__ = ["DataParallelVI", "resolve"]
+__all__ = ["DataParallelVI", "init_from_env", "resolve"]
 
 
 def _active() -> bool:
@@ -64,6 +64,31 @@ def resolve(process_group: Any) -> DataParallelVI | None:
         return DataParallelVI(process_group)
     raise TypeError(f"process_group must be None, False, a torch.distributed ProcessGroup or a "
                     f"structvi.distributed.DataParallelVI, got process_group={process_group!r}")
+
+
+def init_from_env(timeout: float = 60.0) -> torch.device:
+    """Join the process group ``torchrun`` describes (``RANK``, ``WORLD_SIZE``, ...) and return
+    this rank's device.
+
+    NCCL with one GPU per local rank (``LOCAL_RANK``) when that many GPUs are visible, else gloo
+    on the CPU. ``timeout`` (seconds) bounds every collective, so a rank that dies or stalls ends
+    the job with an error instead of a hang. Without ``torchrun`` (no ``RANK`` in the
+    environment) nothing is initialized and the CPU (or the first GPU) is returned.
+    """
+    import datetime
+    import os
+
+    if "RANK" not in os.environ:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
+    use_nccl = torch.cuda.is_available() and torch.cuda.device_count() >= local_world
+    device = torch.device("cuda", local_rank) if use_nccl else torch.device("cpu")
+    if use_nccl:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if use_nccl else "gloo",
+                            timeout=datetime.timedelta(seconds=timeout))
+    return device
 
 
 def _comm_device(group: Any) -> torch.device:
