@@ -20,10 +20,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple, out: str) -> None:
+def _entry(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple, out: str,
+           backend: str) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world,
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
     try:
         result = fn(rank, world, *args)
@@ -32,9 +35,11 @@ def _entry(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple
         dist.destroy_process_group()
 
 
-def run_ranks(fn: Callable[..., Any], *args: Any, nprocs: int = 2) -> list[Any]:
+def run_ranks(fn: Callable[..., Any], *args: Any, nprocs: int = 2, backend: str = "gloo"
+              ) -> list[Any]:
     """``[fn(rank, nprocs, *args) for each rank]``, run in ``nprocs`` spawned processes."""
     with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_entry, args=(nprocs, free_port(), fn, args, out), nprocs=nprocs, join=True)
+        mp.spawn(_entry, args=(nprocs, free_port(), fn, args, out, backend), nprocs=nprocs,
+                 join=True)
         return [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False)
                 for r in range(nprocs)]
