@@ -86,8 +86,8 @@ def _optimizer_step(model_name: str, structure: str, mode: str, rank: int, world
                         structures=OPT_STRUCTURES[structure])
     if mode == "local":
         opt.reducer = LOCAL
-    elif mode == "ddp+spread":
-        opt.reducer.spread_work = True
+    elif comm:
+        opt.reducer.spread_work = mode == "ddp+spread"
     gen = torch.Generator().manual_seed(rank)
     x = torch.randn(BATCH // world, 1, 8, 8, generator=gen).to(device)
     y = torch.randint(0, 10, (BATCH // world,), generator=gen).to(device)

@@ -48,8 +48,9 @@ def main(argv: list[str] | None = None) -> float:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--lr", type=float, default=0.03)
     parser.add_argument("--batch-size", type=int, default=64, help="global batch size")
-    parser.add_argument("--spread-work", action="store_true",
-                        help="each layer's factor update on one rank, then broadcast")
+    parser.add_argument("--no-spread-work", action="store_true",
+                        help="every rank updates every layer's factors (default: each layer's "
+                             "update on one rank, then broadcast)")
     parser.add_argument("--timeout", type=float, default=60.0, help="collective timeout (s)")
     parser.add_argument("--checkpoint", help="write a checkpoint here after every epoch")
     parser.add_argument("--resume", help="start from this checkpoint")
@@ -66,8 +67,8 @@ def main(argv: list[str] | None = None) -> float:
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     opt = StructuredNGD(net, lr=args.lr, T=5, lr_cov=0.05, damping=1e-2,
                         structures=STRUCTURES[args.structure])
-    if args.spread_work and world > 1:
-        opt.reducer.spread_work = True
+    if args.no_spread_work and world > 1:
+        opt.reducer.spread_work = False
     start = 0
     if args.resume:
         state = torch.load(args.resume, map_location=device, weights_only=True)

@@ -36,11 +36,13 @@ does not carry the loss terms. All ranks then hold the same reduced statistics a
 apply the same deterministic update, so their factors and parameters stay bit-identical
 (:meth:`DataParallelReducer.check_consistency` verifies it).
 
-**Work spreading** (``reducer.spread_work = True``): each layer's factor update (MATH (3.2)) is
-computed by one rank and broadcast (one bucket per source rank). Layers are assigned by the
-longest-processing-time rule: sorted by :func:`layer_cost` (largest first, ties by layer order),
-each goes to the rank with the least total cost so far. Off by default: on the measured CPU runs
-the broadcast costs more than the saved update (``benchmarks/ddp_scaling.py``).
+**Work spreading** (``reducer.spread_work``, on by default): on update steps each layer's factor
+update (MATH (3.2)) is computed by one rank and broadcast (one bucket per source rank) instead of
+by every rank. Layers are assigned by the longest-processing-time rule: sorted by
+:func:`layer_cost` (largest first, ties by layer order), each goes to the rank with the least total
+cost so far. ``benchmarks/ddp_scaling.py`` measured it faster than every rank updating every
+layer for all six model/structure pairs on two CPU processes (gloo); set
+``opt.reducer.spread_work = False`` to update every layer on every rank.
 """
 
 from __future__ import annotations
@@ -135,8 +137,8 @@ def loss_terms(output: Tensor, loss_average: str | None) -> int:
 class DataParallelReducer:
     """The data-parallel :class:`~structvi.optim.functional.Reducer` of ``StructuredNGD``.
 
-    Built by ``StructuredNGD`` (see the module doc); users only set :attr:`spread_work` or call
-    :meth:`set_loss_terms` / :meth:`check_consistency`.
+    Built by ``StructuredNGD`` (see the module doc); users only set :attr:`spread_work` (work
+    spreading, default ``True``) or call :meth:`set_loss_terms` / :meth:`check_consistency`.
 
     Args:
         optimizer: the ``StructuredNGD``.
@@ -155,7 +157,7 @@ class DataParallelReducer:
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self.ddp = ddp is not None
-        self.spread_work = False
+        self.spread_work = True
         averages = {g["loss_average"] for g in optimizer.param_groups}
         if len(averages) > 1:
             raise ValueError(f"loss_average: data-parallel training needs one loss_average for "
@@ -211,7 +213,8 @@ class DataParallelReducer:
         if not tensors:
             return
         with torch.no_grad():
-            flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors])
+            flat = torch.cat([t.detach().reshape(-1).to(tensors[0].device, torch.float64)
+                              for t in tensors])
             dist.broadcast(flat, dist.get_global_rank(self.group, 0) if self.group else 0,
                            group=self.group)
             offset = 0
@@ -264,13 +267,13 @@ class DataParallelReducer:
             templates.append((layer, group, H_K, H_C))
             parts += [t * n_a for t in H_K.tensors().values()]
             parts += [t * n_c for t in H_C.tensors().values()]
-            parts.append(torch.tensor([n_a, n_c], dtype=torch.float64))
+            parts.append(torch.tensor([n_a, n_c], dtype=torch.float32))  # exact below 2**24
         grads = [p.grad for p in params]
         for p, g in zip(params, grads):
             parts.append(torch.zeros_like(p) if g is None else g * w)
         if params:
             parts.append(torch.tensor([w] + [float(g is not None) for g in grads],
-                                      dtype=torch.float64))
+                                      dtype=torch.float32))
         flat = self._all_reduce(parts)
         reduced = []
         offset = 0
@@ -327,7 +330,8 @@ class DataParallelReducer:
             templates = [new.get(layer.weight) or optimizer._factors(layer) for layer, _ in mine]
             tensors = [t for f in templates for s in f if s is not None
                        for t in s.tensors().values()]
-            flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors])
+            dtype = _bucket_dtype(tensors)
+            flat = torch.cat([t.reshape(-1).to(dtype) for t in tensors])
             src = dist.get_global_rank(self.group, source) if self.group else source
             dist.broadcast(flat, src, group=self.group)
             offset = 0
@@ -427,7 +431,7 @@ def _weighted_allreduce_hook(state, bucket):  # noqa: ANN001, ANN201 (DDP checks
     dtype = torch.promote_types(buffer.dtype, torch.float32)
     weight = reducer._weight()
     ext = torch.empty(buffer.numel() + 1, dtype=dtype, device=buffer.device)
-    torch.mul(buffer, weight, out=ext[:-1])
+    ext[:-1].copy_(buffer).mul_(weight)
     ext[-1] = weight
 
     def finish(fut: torch.futures.Future) -> Tensor:
