@@ -152,7 +152,6 @@ class DataParallelReducer:
 
     def __init__(self, optimizer: Any, model: nn.Module, *, ddp: nn.Module | None,
                  group: Any = None) -> None:
-        self._opt = weakref.ref(optimizer)
         self.group = group
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
@@ -234,6 +233,10 @@ class DataParallelReducer:
     # ------------------------------------------------------------------ the step
     def prepare_step(self, optimizer: Any) -> None:
         """Before the layer loop of ``step()``: one all-reduce of statistics (and gradients)."""
+        if not self.ddp and getattr(optimizer, "found_inf", None) is not None:
+            raise RuntimeError("StructuredNGD: a GradScaler with a bare module under a process "
+                               "group is not supported (each rank would check its own unreduced "
+                               "gradients); wrap the model in DistributedDataParallel")
         scale, skip = optimizer._amp_scale()
         self._done.clear()
         try:
@@ -315,6 +318,7 @@ class DataParallelReducer:
     # ------------------------------------------------------------------ work spreading
     def _spread_updates(self, optimizer: Any, reduced: list, scale: float) -> None:
         """Each layer's factor update on its owner rank, then one broadcast per source rank."""
+        reduced = [r for r in reduced if r[0].weight.grad is not None]  # others: no update
         owners = assign_layers([layer_cost(optimizer._factors(layer))
                                 for layer, _, _ in reduced], self.world_size)
         new: dict[Tensor, F.FactorState] = {}

@@ -210,9 +210,29 @@ def pyro_run(rank: int | None, world: int, structure: str) -> dict[str, Tensor]:
             "loss": losses}
 
 
+def errors(rank: int, world: int) -> dict[str, str]:
+    """Messages of the errors that data-parallel misuse raises (same on every rank)."""
+    out = {}
+    model = cnn(torch.float64)
+    opt = StructuredNGD(model, **OPTIONS)
+    opt.found_inf = torch.tensor(0.0)  # what a GradScaler sets before step()
+    opt.grad_scale = torch.tensor(1.0)
+    try:
+        opt.step()
+    except RuntimeError as err:
+        out["bare_scaler"] = str(err)
+    try:
+        StructuredNGD(model, [{"params": list(model[0].parameters()), "loss_average": None},
+                              {"params": list(model[3].parameters())}])
+    except ValueError as err:
+        out["loss_average"] = str(err)
+    return out
+
+
 def all_runs(rank: int, world: int) -> dict[str, Any]:
     """Everything the 2-process test group computes (one spawn for all checks)."""
     out: dict[str, Any] = {f"optim/{c}": optimizer_run(rank, world, c) for c in OPTIMIZER_CASES}
+    out["errors"] = errors(rank, world)
     out["optim/checkpoint"] = optimizer_checkpoint_run(rank, world)
     out.update({f"vi/{c}": vi_run(rank, world, c) for c in VI_CASES})
     out["vi/checkpoint"] = vi_checkpoint_run(rank, world)

@@ -82,3 +82,9 @@ def test_natural_gradient_svi_matches_full_data(ranks, structure):
     got0, got1 = ranks[0][f"pyro/{structure}"], ranks[1][f"pyro/{structure}"]
     assert_identical(got0, got1)
     assert_close(got0, want, 1e-10)
+
+
+def test_misuse_raises_clear_errors(ranks):
+    for rank in ranks:
+        assert "wrap the model in DistributedDataParallel" in rank["errors"]["bare_scaler"]
+        assert "one loss_average for every param group" in rank["errors"]["loss_average"]
