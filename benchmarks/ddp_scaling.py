@@ -2,7 +2,8 @@
 
 Per structure, for the optimizer (``StructuredNGD`` on a DDP-wrapped model, with and without
 work spreading) and for VI (``Fitter`` with a sharded log-joint): the same global batch / the
-same data are processed (steps timed in interleaved rounds, the fastest round kept) by
+same data are processed (steps timed in interleaved rounds, every other round in reverse order,
+the fastest round kept) by
 
 * ``1 proc``: one process, everything;
 * ``2 proc``: two ranks, half each, communicating (gloo on the CPU; NCCL with one GPU per rank);
@@ -149,9 +150,10 @@ def _worker(rank: int, world: int, port: int, backend: str, steps: int, rounds: 
         for _ in range(2):
             step()
     times = {key: float("inf") for key in cases}
-    for _ in range(rounds):  # interleaved rounds; the fastest round counts (load noise)
-        for key, step in cases.items():
-            times[key] = min(times[key], _time_steps(step, steps, device, world > 1))
+    keys = list(cases)
+    for r in range(rounds):  # interleaved rounds, order reversed every other one; fastest counts
+        for key in keys if r % 2 == 0 else keys[::-1]:
+            times[key] = min(times[key], _time_steps(cases[key], steps, device, world > 1))
     if world > 1:  # a step is as slow as its slowest rank
         keys = sorted(times)
         t = torch.tensor([times[k] for k in keys], dtype=torch.float64, device=device)
@@ -208,7 +210,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer timed steps")
     args = parser.parse_args(argv)
-    steps, rounds = (5, 2) if args.quick else (10, 5)
+    steps, rounds = (5, 2) if args.quick else (8, 8)
     backends = ["gloo"]
     note = None
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0

@@ -195,7 +195,10 @@ class DataParallelReducer:
             self._loss_terms += loss_terms(tensor, self.loss_average)
 
     def set_loss_terms(self, n: int) -> None:
-        """Use ``n`` as this rank's number of loss terms until the next ``step()``."""
+        """Use ``n`` as this rank's number of loss terms until the next ``step()``.
+
+        Call it before ``backward()``: DDP's communication hook reads it during the backward pass.
+        """
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"n must be an integer >= 0 (this rank's loss terms), got n={n!r}")
         self._override = n
