@@ -225,7 +225,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raw[backend] = {"1": one, "2": two}
         label = "gloo (CPU)" if backend == "gloo" else "NCCL (GPU)"
         sections[label] = _rows(one, two)
-    result = dict(config=dict(quick=args.quick, timed_steps=steps, rounds=rounds, batch=BATCH, vi_rows=N_VI,
+    result = dict(config=dict(quick=args.quick, timed_steps=steps, rounds=rounds, batch=BATCH,
+                              vi_rows=N_VI,
                               vi_dim=D_VI, T=1, cpus=os.cpu_count(), gpus=gpus,
                               torch=torch.__version__, platform=platform.platform(), note=note),
                   results=sections, raw_seconds=raw)

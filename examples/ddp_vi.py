@@ -86,7 +86,8 @@ def run_pyro(args, X, y, rows, N) -> None:
     for _ in range(args.steps):
         loss = svi.step(X, y, index)
     if is_rank0():
-        print(f"pyro {args.structure}: loss {loss:.4f}, |mean| {float(guide.loc.detach().norm()):.4f}",
+        mean_norm = float(guide.loc.detach().norm())
+        print(f"pyro {args.structure}: loss {loss:.4f}, |mean| {mean_norm:.4f}",
               flush=True)
     if args.checkpoint:
         save(args.checkpoint, svi.state_dict())

@@ -40,9 +40,10 @@ apply the same deterministic update, so their factors and parameters stay bit-id
 update (MATH (3.2)) is computed by one rank and broadcast (one bucket per source rank) instead of
 by every rank. Layers are assigned by the longest-processing-time rule: sorted by
 :func:`layer_cost` (largest first, ties by layer order), each goes to the rank with the least total
-cost so far. ``benchmarks/ddp_scaling.py`` measured it faster than every rank updating every
-layer for all six model/structure pairs on two CPU processes (gloo); set
-``opt.reducer.spread_work = False`` to update every layer on every rank.
+cost so far. ``benchmarks/ddp_scaling.py`` measured it 1.2–1.8× faster than every rank updating
+every layer where factor updates are expensive (dense, hierarchical; two CPU processes, gloo) and
+even within noise for diagonal factors; ``opt.reducer.spread_work = False`` updates every layer
+on every rank.
 """
 
 from __future__ import annotations
@@ -58,11 +59,15 @@ from torch import Tensor, nn
 
 from structvi.optim import functional as F
 from structvi.optim import kfac
+from structvi.optim.ddp_hooks import (
+    first_tensor, loss_terms, step_pre_hook, weighted_allreduce_hook,
+)
 from structvi.optim.state import store_product, write_structure
 from structvi.structures.base import Structure
 from structvi.structures.registry import structure_from_spec
 
-__all__ = ["DataParallelReducer", "assign_layers", "data_parallel_reducer", "layer_cost"]
+__all__ = ["DataParallelReducer", "assign_layers", "data_parallel_reducer", "layer_cost",
+           "loss_terms"]
 
 
 def data_parallel_reducer(optimizer: Any, model: nn.Module, ddp: nn.Module | None) -> Any:
@@ -115,25 +120,6 @@ def _bucket_dtype(tensors: Iterable[Tensor]) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def _first_tensor(output: Any) -> Tensor | None:
-    if isinstance(output, Tensor):
-        return output
-    values = output.values() if isinstance(output, dict) else (
-        output if isinstance(output, (tuple, list)) else ())
-    for value in values:
-        found = _first_tensor(value)
-        if found is not None:
-            return found
-    return None
-
-
-def loss_terms(output: Tensor, loss_average: str | None) -> int:
-    """Loss terms of one forward pass from the model output (module doc)."""
-    if loss_average is None or output.dim() < 2:
-        return 1
-    return output.shape[0] if loss_average == "batch" else output.shape[:-1].numel()
-
-
 class DataParallelReducer:
     """The data-parallel :class:`~structvi.optim.functional.Reducer` of ``StructuredNGD``.
 
@@ -166,7 +152,7 @@ class DataParallelReducer:
         self._override: int | None = None
         self._done: dict[Tensor, F.FactorState] = {}
         optimizer._handles.append(model.register_forward_hook(kfac.WeakHook(self, "_count")))
-        optimizer._handles.append(optimizer.register_step_pre_hook(_pre_step))
+        optimizer._handles.append(optimizer.register_step_pre_hook(step_pre_hook))
         self._original = optimizer._update_factors
         optimizer._update_factors = self._update_or_apply
         self.weighted_gradients = True
@@ -190,7 +176,7 @@ class DataParallelReducer:
     # ------------------------------------------------------------------ loss terms
     def _count(self, module: nn.Module, inputs: Any, output: Any) -> None:
         del module, inputs
-        tensor = _first_tensor(output)
+        tensor = first_tensor(output)
         if tensor is not None and torch.is_grad_enabled():
             self._loss_terms += loss_terms(tensor, self.loss_average)
 
@@ -226,7 +212,7 @@ class DataParallelReducer:
 
     def _install_comm_hook(self, ddp: nn.Module) -> None:
         try:
-            ddp.register_comm_hook(weakref.ref(self), _weighted_allreduce_hook)
+            ddp.register_comm_hook(weakref.ref(self), weighted_allreduce_hook)
         except RuntimeError as err:  # a hook is already registered
             self.weighted_gradients = False
             warnings.warn(f"StructuredNGD: the DDP model already has a communication hook ({err});"
@@ -366,7 +352,7 @@ class DataParallelReducer:
     def check_consistency(self, optimizer: Any) -> None:
         """Raise ``RuntimeError`` unless every rank holds bit-identical factors and parameters.
 
-        One ``all_reduce`` (MAX and MIN of a float64 view of every tensor); for tests and
+        Two ``all_reduce`` calls (MAX and MIN of a float64 view of every tensor); for tests and
         debugging, not for every step.
         """
         tensors = [p.detach() for g in optimizer.param_groups for p in g["params"]]
@@ -381,24 +367,6 @@ class DataParallelReducer:
             bad = int((high != low).sum())
             raise RuntimeError(f"StructuredNGD: {bad} of {flat.numel()} numbers differ across "
                                "ranks (factors/parameters are not identical)")
-
-
-def _pre_step(optimizer: Any, args: tuple, kwargs: dict) -> tuple | None:
-    """Step pre-hook: reduce now, or right after the closure's backward when one is given."""
-    reducer = optimizer.reducer
-    if not isinstance(reducer, DataParallelReducer):
-        return None
-    closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
-    if closure is None:
-        reducer.prepare_step(optimizer)
-        return None
-
-    def wrapped() -> Any:
-        loss = closure()
-        reducer.prepare_step(optimizer)
-        return loss
-
-    return (args[0],), {"closure": wrapped}
 
 
 def _write_factors(optimizer: Any, layer: kfac.Layer, factors: F.FactorState) -> None:
@@ -419,30 +387,3 @@ def _unpack_structure(flat: Tensor, offset: int, like: Structure) -> tuple[Struc
             device=t.device, dtype=t.dtype).clone()
         offset += t.numel()
     return structure_from_spec(tensors, like.spec()), offset
-
-
-def _weighted_allreduce_hook(state, bucket):  # noqa: ANN001, ANN201 (DDP checks real annotations)
-    """DDP communication hook: ``Σ_r n_r ∇_r / Σ_r n_r`` (averaged loss) or ``Σ_r ∇_r``.
-
-    ``state`` is a weak reference to the :class:`DataParallelReducer`, ``bucket`` a
-    ``dist.GradBucket``; returns a ``Future`` of the reduced bucket.
-    """
-    reducer = state()
-    buffer = bucket.buffer()
-    group = None if reducer is None else reducer.group
-    if reducer is None or reducer.loss_average is None:
-        fut = dist.all_reduce(buffer, group=group, async_op=True).get_future()
-        if reducer is None:  # optimizer gone: behave like DDP's average
-            return fut.then(lambda f: f.value()[0].div_(dist.get_world_size(group)))
-        return fut.then(lambda f: f.value()[0])
-    dtype = torch.promote_types(buffer.dtype, torch.float32)
-    weight = reducer._weight()
-    ext = torch.empty(buffer.numel() + 1, dtype=dtype, device=buffer.device)
-    ext[:-1].copy_(buffer).mul_(weight)
-    ext[-1] = weight
-
-    def finish(fut: torch.futures.Future) -> Tensor:
-        total = fut.value()[0]
-        return buffer.copy_(total[:-1] / total[-1])
-
-    return dist.all_reduce(ext, group=group, async_op=True).get_future().then(finish)
