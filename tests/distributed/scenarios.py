@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from structvi.distributed import DataParallelVI
-from structvi.fit import Fitter
+from structvi.fit import Fitter, fit
 from structvi.gaussian import StructuredGaussian
 from structvi.optim import StructuredNGD
 from structvi.pyro import AutoStructuredNormal, NaturalGradientSVI
@@ -165,20 +165,23 @@ def _vi_setup(rank: int | None, world: int, case: str):
     options = {"rank": 2} if name == "low_rank_diagonal" else {}
     q = StructuredGaussian(torch.zeros(DIM, dtype=torch.float64),
                            make_structure(name, DIM, dtype=torch.float64, **options))
-    return Fitter(log_joint, q, estimator=estimator, generator=torch.Generator().manual_seed(5),
-                  process_group=group)
+    return dict(log_joint=log_joint, q=q, estimator=estimator,
+                generator=torch.Generator().manual_seed(5), process_group=group)
 
 
 def vi_run(rank: int | None, world: int, case: str) -> dict[str, Any]:
-    fitter = _vi_setup(rank, world, case)
-    result = fitter.run(STEPS, progress=False, early_stopping=None)
+    """Through :func:`structvi.fit.fit`."""
+    setup = _vi_setup(rank, world, case)
+    log_joint, q = setup.pop("log_joint"), setup.pop("q")
+    result = fit(log_joint, q, STEPS, progress=False, early_stopping=None, **setup)
     return {"loc": result.q.loc, "factor": result.q.factor.to_dense(),
             "elbo": torch.tensor(result.history["elbo"])}
 
 
 def vi_checkpoint_run(rank: int | None, world: int, checkpoint: dict | None = None) -> dict:
     """2 ranks: 10 steps, rank 0 keeps the state, 10 more. 1 rank: load it, the last 10."""
-    fitter = _vi_setup(rank, world, "diagonal-stein-unequal")
+    setup = _vi_setup(rank, world, "diagonal-stein-unequal")
+    fitter = Fitter(setup.pop("log_joint"), setup.pop("q"), **setup)
     saved = None
     if rank is not None:
         fitter.run(10, progress=False, early_stopping=None)
