@@ -132,6 +132,8 @@ def _worker(rank: int, world: int, port: int, backend: str, steps: int, rounds: 
             out: str) -> None:
     torch.set_num_threads(1)
     device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+    if backend == "nccl":
+        torch.cuda.set_device(device)
     if world > 1:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         dist.init_process_group(backend, rank=rank, world_size=world)
