@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from structvi import engine
+from structvi import distributed, engine
 from structvi.engine import NGDConfig, NGDState
 from structvi.estimators import (
     DEFAULT_NUM_SAMPLES, Estimate, LogJoint, check_estimator, elbo, estimate,
@@ -163,6 +163,10 @@ class Fitter:
         generator: source of all randomness (``None``: a fresh, non-deterministically seeded one).
         temperature: ``τ`` of MATH (2.1); overrides ``config.temperature``.
         max_consecutive_skips: consecutive non-finite steps after which :meth:`run` stops.
+        process_group: data-parallel VI (:mod:`structvi.distributed`): ``log_joint`` is this
+            rank's shard and the ranks' estimates are all-reduced; ``None`` uses an initialized
+            default group of more than one rank, ``False`` none, or a ``ProcessGroup`` /
+            :class:`~structvi.distributed.DataParallelVI`.
 
     Raises:
         TypeError: ``log_joint`` not callable, ``q`` not a StructuredGaussian, bad ``config`` or
@@ -182,6 +186,7 @@ class Fitter:
         generator: torch.Generator | None = None,
         temperature: float = 1.0,
         max_consecutive_skips: int = 10,
+        process_group: Any = None,
     ) -> None:
         if not callable(log_joint):
             raise TypeError(
@@ -218,6 +223,10 @@ class Fitter:
         self.consecutive_skips = 0
         self.elapsed = 0.0
         self._warned = False
+        # data parallelism (structvi.distributed): same start on every rank, reduced estimates
+        self.data_parallel = distributed.resolve(process_group)
+        if self.data_parallel is not None:
+            self.state = self.data_parallel.broadcast_state(self.state, self.generator)
 
     @property
     def q(self) -> StructuredGaussian:
@@ -255,9 +264,10 @@ class Fitter:
         t0 = time.perf_counter()
         self.iteration += 1
         old = self.state
-        est = estimate(self.log_joint, old.loc, old.factor, estimator=self.estimator,
-                       num_samples=self.num_samples, generator=self.generator,
-                       temperature=self.temperature)
+        estimate_fn = estimate if self.data_parallel is None else self.data_parallel.estimate
+        est = estimate_fn(self.log_joint, old.loc, old.factor, estimator=self.estimator,
+                          num_samples=self.num_samples, generator=self.generator,
+                          temperature=self.temperature)
         new = None
         if _is_finite_estimate(est.log_joint, est.stats):
             cfg = _mean_line_search(old, est, self.config_at(old.step))
@@ -396,6 +406,7 @@ def fit(
     progress: bool = True,
     early_stopping: Plateau | None = Plateau(),
     max_consecutive_skips: int = 10,
+    process_group: Any = None,
 ) -> FitResult:
     """Fit ``q`` to ``exp(log_joint)`` by structured natural-gradient VI (MATH (2.6)).
 
@@ -416,6 +427,7 @@ def fit(
         early_stopping: a :class:`Plateau` rule (default: window 50, ``min_delta=1e-3`` nats),
             or ``None`` to always run ``steps`` steps.
         max_consecutive_skips: consecutive non-finite steps that stop the fit.
+        process_group: data-parallel VI over ranks (see :class:`Fitter`).
 
     Returns:
         ``FitResult(q, history, state, stopped_reason)``.
@@ -427,5 +439,5 @@ def fit(
     check_int("steps", steps, 1)
     fitter = Fitter(log_joint, q, config, estimator=estimator, num_samples=num_samples,
                     generator=generator, temperature=temperature,
-                    max_consecutive_skips=max_consecutive_skips)
+                    max_consecutive_skips=max_consecutive_skips, process_group=process_group)
     return fitter.run(steps, callback=callback, progress=progress, early_stopping=early_stopping)

@@ -17,6 +17,7 @@ from structvi.optim._lifecycle import Lifecycle
 from structvi.optim import functional as F
 from structvi.optim.describe import describe, diagnostics, log_summary
 from structvi.optim.config import check_group, factor_spec
+from structvi.optim.distributed import data_parallel_reducer
 from structvi.optim.state import (
     read_structure,
     restore_loaded_state,
@@ -121,7 +122,8 @@ class StructuredNGD(Lifecycle, Optimizer):
     before it changes anything.
 
     Args:
-        model: the network (not wrapped in ``DataParallel``/``DistributedDataParallel``).
+        model: the network, or it wrapped in ``DistributedDataParallel`` (data-parallel
+            training: :mod:`structvi.optim.distributed`; not ``DataParallel``).
         params: parameters or param groups; ``None`` trains every parameter of ``model`` that
             requires a gradient. A layer's weight and bias must be in the same group.
         lr: ``β₂``, step size of the Kronecker rule (default ``3e-3``).
@@ -160,7 +162,7 @@ class StructuredNGD(Lifecycle, Optimizer):
         outlier_threshold: ``κ > 1`` of the outlier rule, or ``None`` to turn clipping off.
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module`` or is wrapped in (D)DP.
+        TypeError: ``model`` is not an ``nn.Module`` or is wrapped in ``DataParallel``.
         ValueError: a hyper-parameter out of range, an unknown or VI-only structure, bad
             structure options for a layer, or a weight and its bias in different groups.
     """
@@ -183,9 +185,12 @@ class StructuredNGD(Lifecycle, Optimizer):
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            raise TypeError(f"model must not be wrapped in {type(model).__name__}; pass the "
-                            "underlying module")
+        ddp = None  # data parallel: structvi.optim.distributed (DDP unwrapped, reducer below)
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            ddp, model = model, model.module
+        if isinstance(model, nn.DataParallel):
+            raise TypeError("model must not be wrapped in DataParallel; use "
+                            "DistributedDataParallel or pass the underlying module")
         defaults = dict(
             lr=lr, momentum=momentum, damping=damping, alpha1=alpha1, weight_decay=weight_decay,
             T=T, lr_cov=lr_cov, structures=structures, kfac_approx=kfac_approx,
@@ -207,6 +212,7 @@ class StructuredNGD(Lifecycle, Optimizer):
         try:
             super().__init__(params, defaults)
             robust.check_params_in_model(self)
+            self.reducer = data_parallel_reducer(self, model, ddp)
         except Exception:
             self.close()  # leave the model as it was
             raise

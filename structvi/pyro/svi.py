@@ -233,6 +233,9 @@ class NaturalGradientSVI:
             plate (the model must broadcast like for ``Trace_ELBO(vectorize_particles=True)``).
         generator: source of the estimators' randomness (``None``: seeded from torch's global
             RNG, so ``pyro.set_rng_seed`` makes runs reproducible).
+        process_group: data-parallel VI (:mod:`structvi.distributed`): each rank's model sees its
+            shard (e.g. ``pyro.plate(..., subsample=shard)``); ``None`` uses an initialized default
+            group of more than one rank, ``False`` none (passed to the :class:`Fitter`).
         **config_options: further :class:`~structvi.engine.NGDConfig` fields (``lr_mean``,
             ``trust_region``, ``retraction``, ``temperature``, ...).
 
@@ -255,6 +258,7 @@ class NaturalGradientSVI:
         config: NGDConfig | Callable[[int], NGDConfig] | None = None,
         vectorize_particles: bool = False,
         generator: torch.Generator | None = None,
+        process_group: Any = None,
         **config_options: Any,
     ) -> None:
         if not isinstance(guide, AutoStructuredNormal):
@@ -275,6 +279,7 @@ class NaturalGradientSVI:
             generator.manual_seed(int(torch.randint(0, 2**62, ())))
         self.generator = generator
         self._fitter: Fitter | None = None
+        self.process_group = process_group
         self._pending: dict[str, Any] | None = None
         self._nesting, self._params = 0, set()
 
@@ -300,7 +305,10 @@ class NaturalGradientSVI:
             _log_joint_set_per_step, q, self.config, estimator=self.estimator,
             num_samples=self.num_samples, generator=self.generator,
             temperature=self._temperature(), max_consecutive_skips=2**31,
+            process_group=self.process_group,
         )
+        if self._fitter.data_parallel is not None:  # every rank starts from rank 0's guide
+            self.guide.set_state(self._fitter.state.loc, self._fitter.state.factor)
         if self._pending is not None:
             self._load(self._pending)
             self._pending = None
