@@ -77,6 +77,8 @@ def _select(blocks: list[Block], tables: list[int]) -> list[Block]:
         while j >= 0 and blocks[j].kind == "text":  # introducing paragraphs
             keep.add(j)
             j -= 1
+        while j >= 0 and blocks[j].kind not in ("heading", "title"):  # its section's heading
+            j -= 1
         if j >= 0 and blocks[j].kind == "heading":
             keep.add(j)
         j = i + 1
