@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: demo test bench clean venv
+.PHONY: demo test bench readme docs clean venv
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,5 +24,12 @@ bench: $(VENV)/.installed
 	$(PIP) install -c constraints.txt -e '.[test,bench]'
 	$(PY) -m structvi.cli bench
 
+readme: $(VENV)/.installed
+	$(PY) -m structvi.cli readme
+
+docs: $(VENV)/.installed
+	$(PY) docs/make_figures.py
+	$(PY) -m mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build site *.egg-info

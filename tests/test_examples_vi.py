@@ -37,5 +37,17 @@ def test_quick_mode_for_structvi_demo(tmp_path):
 
 
 def test_example_command_line_defaults():
-    args = load_example()._parse_args(["--steps", "7", "--no-progress"])
+    example = load_example()
+    args = example._parse_args(["--steps", "7", "--no-progress"])
     assert args.steps == 7 and args.out_dir == "examples/out" and args.no_progress
+    assert example._parse_args(["--out", "figs"]).out_dir == "figs"
+    assert example._parse_args(["--out-dir", "old"]).out_dir == "old"  # the former name
+
+
+def test_example_uses_the_bundled_data():
+    from structvi.data import load_breast_cancer
+
+    X, y = load_example().load_data()
+    X_ref, y_ref = load_breast_cancer()
+    assert X.shape == (569, 31) and (X == X_ref).all() and (y == y_ref).all()
+    assert abs(float(X[:, :30].mean())) < 1e-12 and (X[:, 30] == 1).all()
