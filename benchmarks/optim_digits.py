@@ -31,7 +31,9 @@ from torch import Tensor, nn
 from structvi.optim import StructuredNGD
 from structvi.optim.kfac import is_supported, layer_dims
 
-NGD = dict(T=10, lr_cov=0.05, damping=1e-2, alpha1=0.5, momentum=0.9)
+# the published INGD/SINGD update (no normalization, absolute damping), as singd runs it
+NGD = dict(T=10, lr_cov=0.05, damping=1e-2, alpha1=0.5, momentum=0.9, relative_damping=False,
+           normalize_preconditioner=False, diagonal_lr_ratio=1.0)
 
 
 def hierarchical_groups(model: nn.Module, k: int) -> list[dict]:

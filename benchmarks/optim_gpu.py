@@ -25,7 +25,9 @@ from torch import nn
 from benchmarks.optim_digits import hierarchical_groups, state_bytes
 from structvi.optim import StructuredNGD
 
-NGD = dict(T=10, lr_cov=0.05, damping=1e-3, alpha1=0.5, momentum=0.9, lr=1e-3)
+# the published INGD/SINGD update (no normalization, absolute damping), as singd runs it
+NGD = dict(T=10, lr_cov=0.05, damping=1e-3, alpha1=0.5, momentum=0.9, lr=1e-3,
+           relative_damping=False, normalize_preconditioner=False, diagonal_lr_ratio=1.0)
 
 
 def vgg(width: int = 64, classes: int = 100) -> nn.Module:
