@@ -220,6 +220,7 @@ def test_state_dict_roundtrip_continues_in_lockstep(model, args, structure):
     torch.save(svi.state_dict(), buf)
     buf.seek(0)
     state = torch.load(buf, weights_only=True)
+    pyro.clear_param_store()  # a guide of the same name would share the stored parameters
     fresh_guide = AutoStructuredNormal(model, structure=structure)
     fresh = NaturalGradientSVI(model, fresh_guide, estimator="stein", num_samples=8, lr=0.3)
     fresh.load_state_dict(state)  # before the first step: applied at set-up
