@@ -55,7 +55,7 @@ def _run_parts(parts: list[Any], args: tuple, kwargs: dict[str, Any]):
     """Run the non-structured parts of a guide list: their values and ``Σ log q`` (with grad)."""
     if not parts:
         return {}, 0.0
-    with poutine.block(), poutine.trace() as capture:
+    with poutine.block(hide_types=["sample"]), poutine.trace() as capture:
         for part in parts:
             part(*args, **kwargs)
     trace = capture.trace
