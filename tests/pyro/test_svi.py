@@ -321,8 +321,10 @@ def _load_example(name: str):
     return module
 
 
-def test_bnn_example_runs_both_methods(capsys):
-    results = _load_example("pyro_bnn").main(steps=20, eval_samples=10)
+def test_bnn_example_runs_both_methods(capsys, tmp_path):
+    plot = tmp_path / "calibration.png"
+    results = _load_example("pyro_bnn").main(steps=20, eval_samples=10, plot=str(plot))
+    assert plot.stat().st_size > 1000
     assert set(results) == {"structvi", "pyro"}
     for r in results.values():
         assert r["accuracy"] > 0.5 and 0 <= r["ece"] <= 1
