@@ -186,7 +186,6 @@ def psis_from_ratios(draws: Tensor, log_ratios: Tensor, *, warn: bool = True) ->
                       float(k), threshold)
 
 
-@torch.no_grad()
 def psis(q, log_joint: Callable[[Tensor], Tensor], num_samples: int = 1000, *,
          generator: torch.Generator | None = None, warn: bool = True) -> PSISResult:
     """Pareto-smoothed importance weights of ``num_samples`` draws of ``q`` (module docstring).
@@ -205,10 +204,11 @@ def psis(q, log_joint: Callable[[Tensor], Tensor], num_samples: int = 1000, *,
         ValueError: a bad ``num_samples`` or non-finite log densities.
     """
     check_num_samples(num_samples, 25)
-    eps = torch.randn(num_samples, q.dim, generator=generator, dtype=q.loc.dtype,
-                      device=q.loc.device)
-    U = q.loc + q.factor.matmul(eps.T.to(q.factor.dtype)).T.to(q.loc.dtype)
-    log_q = (-0.5 * eps.double().square().sum(1) - float(q.factor.logabsdet())
-             - 0.5 * q.dim * math.log(2 * math.pi))
-    log_p = log_joint(U).double()
+    with torch.no_grad():
+        eps = torch.randn(num_samples, q.dim, generator=generator, dtype=q.loc.dtype,
+                          device=q.loc.device)
+        U = q.loc + q.factor.matmul(eps.T.to(q.factor.dtype)).T.to(q.loc.dtype)
+        log_q = (-0.5 * eps.double().square().sum(1) - float(q.factor.logabsdet())
+                 - 0.5 * q.dim * math.log(2 * math.pi))
+        log_p = log_joint(U).double()
     return psis_from_ratios(U, log_p - log_q, warn=warn)

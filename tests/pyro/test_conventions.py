@@ -96,8 +96,8 @@ def test_auto_guide_list_with_auto_delta_and_structured_parts():
     guide = AutoGuideList(two_site_model)
     guide.append(AutoDelta(pyro.poutine.block(two_site_model, expose=["sigma"])))
     guide.append(AutoStructuredNormal(pyro.poutine.block(two_site_model, hide=["sigma"])))
-    svi = _svi(two_site_model, guide, estimator="hessian", optim=pyro.optim.Adam({"lr": 0.05}))
-    for _ in range(300):
+    svi = _svi(two_site_model, guide, estimator="hessian", optim=pyro.optim.Adam({"lr": 0.1}))
+    for _ in range(120):
         svi.step(X, Y_REG)
     sigma = float(guide.median(X, Y_REG)["sigma"])
     beta = guide[1].median(X, Y_REG)["beta"]
