@@ -166,9 +166,37 @@ def run_row(name: str, label: str, make, steps: int, every: int, scorer: Scorer)
             if t % every == 0 or t == steps:
                 trace.append((elapsed, scorer.elbo(*gaussian_of(guide, scorer.packer))))
     row = {"model": name, "method": label, "steps": steps, "seconds": elapsed,
+           "dim": scorer.packer.latent_dim,
            "non_finite": bad, "trace": trace}
     row.update(scorer.final(*gaussian_of(guide, scorer.packer)))
-    return row
+    return row, guide
+
+
+def export_times(name: str, guide: AutoStructuredNormal, draws: int = 1000) -> dict[str, float]:
+    """Seconds of ``to_inference_data``, ``psis_khat`` and Pyro's ``Predictive(parallel=True)``
+    for ``draws`` draws of a fitted guide (``nan`` where Predictive cannot run in parallel)."""
+    from pyro.infer import Predictive
+
+    from structvi.arviz import psis_khat, to_inference_data
+
+    model, args = MODELS[name]
+    out = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for key, call in [
+            ("to_inference_data", lambda: to_inference_data(guide, model, draws,
+                                                             model_args=args)),
+            ("psis_khat", lambda: psis_khat(guide, model, draws, model_args=args)),
+            ("predictive_parallel", lambda: Predictive(model, guide=guide, num_samples=draws,
+                                                       parallel=True)(*args)),
+        ]:
+            t0 = time.perf_counter()
+            try:
+                call()
+                out[key] = time.perf_counter() - t0
+            except Exception:  # noqa: BLE001 -- a model Predictive cannot vectorize
+                out[key] = math.nan
+    return out
 
 
 def ours(name: str, structure: str):
@@ -198,15 +226,18 @@ def run_model(name: str, quick: bool, log) -> list[dict]:
     ours_steps, their_steps = (300, 1000) if quick else (1000, 4000)
     rows = []
     for structure in OURS:
-        rows.append(run_row(name, f"structvi {structure}", ours(name, structure), ours_steps,
-                            ours_steps // 20, scorer))
-        rows[-1].update(family=FAMILY[structure], vectorization=scorer.mode)
-        log(rows[-1])
+        row, guide = run_row(name, f"structvi {structure}", ours(name, structure), ours_steps,
+                             ours_steps // 20, scorer)
+        row.update(family=FAMILY[structure], vectorization=scorer.mode)
+        if structure == "dense":
+            row["export_seconds"] = export_times(name, guide)
+        rows.append(row)
+        log(row)
     for label, cls in THEIRS.items():
         best = None
         for lr in [0.01] if quick else [0.003, 0.01, 0.03]:
-            row = run_row(name, f"Pyro {label} + Adam({lr})", theirs(name, cls, lr),
-                          their_steps, their_steps // 20, scorer)
+            row, _ = run_row(name, f"Pyro {label} + Adam({lr})", theirs(name, cls, lr),
+                             their_steps, their_steps // 20, scorer)
             row.update(family=FAMILY[label], lr=lr)
             if best is None or _key(row) > _key(best):
                 best = row
@@ -235,6 +266,28 @@ def markdown(rows: list[dict], meta: dict) -> str:
             f"{_f(r['mean_err_raw'], '.3f')} / {_f(r['mean_err_psis'], '.3f')} | "
             f"{_f(r['sd_err_raw'], '.3f')} / {_f(r['sd_err_psis'], '.3f')} | "
             f"{_f(r['khat'], '.2f')} | {_f(r['seconds'], '.1f')} | {r['non_finite']} |")
+    lines += ["", "## structvi vs Pyro, same family", "",
+              "| model | family | ELBO structvi − Pyro | time structvi / Pyro | dense − best ELBO |",
+              "|---|---|---|---|---|"]
+    for name in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == name]
+        best = max(r["elbo"] for r in mine if math.isfinite(r["elbo"]))
+        for fam in ("dense", "low-rank", "diagonal"):
+            a = next(r for r in mine if r["family"] == fam and r["method"].startswith("structvi"))
+            b = next(r for r in mine if r["family"] == fam and r["method"].startswith("Pyro"))
+            gap = best - a["elbo"] if fam == "dense" else math.nan
+            lines.append(f"| {name} | {fam} | {_f(a['elbo'] - b['elbo'], '+.2f')} | "
+                         f"{_f(a['seconds'] / b['seconds'], '.2f')} | {_f(gap, '.2f')} |")
+    lines += ["", "## Export time (1000 draws of the dense guide)", "",
+              "| model | d | to_inference_data (s) | psis_khat (s) | Predictive(parallel=True) (s) "
+              "| ratio export / Predictive |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        if "export_seconds" in r:
+            e = r["export_seconds"]
+            ratio = e["to_inference_data"] / e["predictive_parallel"]
+            lines.append(f"| {r['model']} | {r['dim']} | {_f(e['to_inference_data'], '.3f')} | "
+                         f"{_f(e['psis_khat'], '.3f')} | {_f(e['predictive_parallel'], '.3f')} | "
+                         f"{_f(ratio, '.2f')} |")
     lines += ["", "structvi: `NaturalGradientSVI` defaults, "
               f"{meta['ours_steps']} steps; Pyro: Trace_ELBO + Adam, {meta['their_steps']} steps, "
               "best ELBO over the learning rates " + str(meta["lrs"]) + ". Errors over all "

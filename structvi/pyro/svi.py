@@ -7,13 +7,16 @@ The objective is the ELBO in the guide's unconstrained space ``u`` (MATH (2.1) w
 
 ``T`` the ``biject_to`` map of each site. One :meth:`NaturalGradientSVI.step` draws samples
 ``u_s = μ + K ε_s``, evaluates ``log p(x, T(u_s))`` by tracing the model with the sample
-substituted (``poutine.condition``; ``trace.log_prob_sum()`` applies the ``pyro.plate`` scales,
+substituted (:mod:`structvi.pyro.log_joint`: in one particle plate, under ``vmap``, or once per
+sample — detected at set-up; ``poutine.condition``; ``trace.log_prob_sum()`` applies the ``pyro.plate`` scales,
 so a subsampled plate gives the unbiased full-data estimate), estimates ``E_q[∇f]`` and
 ``Π̂(Kᵀ Ē K)`` with :mod:`structvi.estimators` and takes one :func:`structvi.engine.step`
 (through :class:`structvi.fit.Fitter`, which also skips non-finite steps). All samples of a step
 share one minibatch: the plates' subsample indices are drawn once per step and replayed.
-Ordinary ``pyro.param`` sites of the model are trained in the same step by ``optim`` (a Pyro
-optimizer) on the Monte-Carlo estimate of ``−E_q[log p]``.
+Ordinary ``pyro.param`` sites of the model, and the other parts of an ``AutoGuideList``, are
+trained in the same step by ``optim`` (a Pyro optimizer) on the Monte-Carlo estimate of
+``−E_q[log p] + log q_parts``. Pyro conventions (argument names, sample counts, guide lists):
+:mod:`structvi.pyro._conventions`.
 """
 
 from __future__ import annotations
