@@ -107,6 +107,13 @@ def _unknown_latents(trace: poutine.Trace) -> list[str]:
             and not site_is_subsample(site)]
 
 
+def _plain(trace: poutine.Trace) -> bool:
+    """All recorded subsample indices are ordinary tensors (reusable outside ``vmap``)."""
+    is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    return all(not (isinstance(site["value"], Tensor) and is_wrapped(site["value"]))
+               for site in trace.nodes.values())
+
+
 def plate_nesting(trace: poutine.Trace) -> int:
     """Number of vectorized plate dims used by the sites of ``trace``."""
     nesting = 0
@@ -187,12 +194,13 @@ def latent_log_joint(
         if mode == "loop":
             return torch.stack([single(u) for u in U])
         if mode == "vmap":
-            if cell["subsample"] is None or not cell["checked"]:  # first run outside vmap
-                head = single(U[0]).reshape(1)
-                if U.shape[0] == 1:
-                    return head
-                return torch.cat([head, torch.func.vmap(single, randomness="same")(U[1:])])
-            return torch.func.vmap(single, randomness="same")(U)
+            fresh = cell["subsample"] is None
+            out = torch.func.vmap(single, randomness="same")(U)  # one minibatch for all rows
+            if fresh and not _plain(cell["subsample"]):  # indices drawn under a transform
+                cell["subsample"] = None
+                head = single(U[0]).reshape(1)  # draw them outside, then replay
+                out = torch.cat([head, torch.func.vmap(single, randomness="same")(U[1:])])
+            return out
         n = U.shape[0]
         values, ladj = guide.constrain(U.reshape((n,) + (1,) * max_plate_nesting + U.shape[1:]))
         return _trace_log_joint(trace_at(values, (n, dim)), ladj, n, dim)

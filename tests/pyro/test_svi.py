@@ -151,10 +151,13 @@ def test_one_function_one_minibatch():
     guide = AutoStructuredNormal(linear_model)
     guide.setup(X_LIN, Y_LIN, 10)
     U = torch.randn(4, 4, dtype=F64, generator=torch.Generator().manual_seed(5))
-    for vectorize in (False, True):
+    for vectorize in (False, True, "vmap"):
         f = latent_log_joint(linear_model, guide, (X_LIN, Y_LIN, 10), vectorize=vectorize,
                              max_plate_nesting=1)
         first = f(U)
+        loop_same_batch = latent_log_joint(linear_model, guide, (X_LIN, Y_LIN, 10),
+                                           subsample=f.subsample())
+        assert_close(loop_same_batch(U), first, 1e-12, "rows share one minibatch")
         assert_close(f(U), first, 0.0, "same function, same minibatch")
         assert_close(f(U[:1]), first[:1], 1e-12, "subset of the points")
         g = latent_log_joint(linear_model, guide, (X_LIN, Y_LIN, 10), vectorize=vectorize,
