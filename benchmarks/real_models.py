@@ -18,7 +18,9 @@ and the number of non-finite steps. The ELBO is also tracked against wall time (
 
 Run: ``python -m benchmarks.real_models [--quick]``; writes ``benchmarks/results/real_models.{json,
 md,png}`` (``--quick``: three models, 300/1000 steps, one learning rate, to
-``benchmarks/results/quick/``). One intra-op thread.
+``benchmarks/results/quick/``; ``--models``, ``--ours-steps``, ``--their-steps`` and ``--lrs``
+override the configuration, and the results are rewritten after every model). One intra-op
+thread.
 """
 
 from __future__ import annotations
@@ -60,10 +62,12 @@ def flat_sites(values: dict[str, torch.Tensor], S: int) -> np.ndarray:
     return np.concatenate([v.reshape(S, -1).double().numpy() for v in values.values()], 1)
 
 
-def make_reference(draws: int, warmup: int) -> None:
-    """Run NUTS on every model and store the constrained means and sds as JSON."""
-    out = {}
-    for name, (model, args) in MODELS.items():
+def make_reference(draws: int, warmup: int, names: list[str] | None = None) -> None:
+    """Run NUTS on the models (default all) and store their constrained means and sds as JSON
+    (one model at a time, so an interrupted run keeps what it has)."""
+    out = json.loads(REFERENCE.read_text()) if REFERENCE.exists() else {}
+    for name in names or list(MODELS):
+        model, args = MODELS[name]
         t0 = time.perf_counter()
         pyro.set_rng_seed(0)
         mcmc = MCMC(NUTS(model, full_mass=name in ("collinear", "interaction")),
@@ -78,8 +82,8 @@ def make_reference(draws: int, warmup: int) -> None:
                      "sites": order, "draws": draws, "warmup": warmup,
                      "seconds": time.perf_counter() - t0}
         print(f"{name}: {flat.shape[1]} coordinates, {out[name]['seconds']:.0f} s", flush=True)
-    REFERENCE.parent.mkdir(parents=True, exist_ok=True)
-    REFERENCE.write_text(json.dumps(out, indent=1))
+        REFERENCE.parent.mkdir(parents=True, exist_ok=True)
+        REFERENCE.write_text(json.dumps(out, indent=1))
 
 
 # ---------------------------------------------------------------------- scoring
@@ -221,9 +225,8 @@ def theirs(name: str, cls: type, lr: float):
     return make
 
 
-def run_model(name: str, quick: bool, log) -> list[dict]:
+def run_model(name: str, ours_steps: int, their_steps: int, lrs: list[float], log) -> list[dict]:
     scorer = Scorer(name)
-    ours_steps, their_steps = (300, 1000) if quick else (1000, 4000)
     rows = []
     for structure in OURS:
         row, guide = run_row(name, f"structvi {structure}", ours(name, structure), ours_steps,
@@ -235,7 +238,7 @@ def run_model(name: str, quick: bool, log) -> list[dict]:
         log(row)
     for label, cls in THEIRS.items():
         best = None
-        for lr in [0.01] if quick else [0.003, 0.01, 0.03]:
+        for lr in lrs:
             row, _ = run_row(name, f"Pyro {label} + Adam({lr})", theirs(name, cls, lr),
                              their_steps, their_steps // 20, scorer)
             row.update(family=FAMILY[label], lr=lr)
@@ -331,13 +334,21 @@ def main() -> None:
                         help="regenerate the cached NUTS reference and exit")
     parser.add_argument("--nuts-draws", type=int, default=1000)
     parser.add_argument("--nuts-warmup", type=int, default=500)
-    parser.add_argument("--models", nargs="*", default=None)
+    parser.add_argument("--models", nargs="*", default=None, choices=list(MODELS))
+    parser.add_argument("--ours-steps", type=int, default=None, help="default 1000 (quick 300)")
+    parser.add_argument("--their-steps", type=int, default=None,
+                        help="default 4000 (quick 1000)")
+    parser.add_argument("--lrs", type=float, nargs="*", default=None,
+                        help="Adam learning rates (default 0.003 0.01 0.03; quick 0.01)")
     a = parser.parse_args()
     torch.set_num_threads(1)
     if a.make_reference:
-        make_reference(a.nuts_draws, a.nuts_warmup)
+        make_reference(a.nuts_draws, a.nuts_warmup, a.models)
         return
-    names = a.models or (["hierarchical", "loglog", "garch"] if a.quick else list(MODELS))
+    names = a.models or (["hierarchical", "loglog", "interaction"] if a.quick else list(MODELS))
+    ours_steps = a.ours_steps or (300 if a.quick else 1000)
+    their_steps = a.their_steps or (1000 if a.quick else 4000)
+    lrs = a.lrs or ([0.01] if a.quick else [0.003, 0.01, 0.03])
     out = ROOT / "benchmarks" / "results" / ("quick" if a.quick else "")
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -347,15 +358,14 @@ def main() -> None:
               f"/{r['mean_err_psis']:.3f}  sd {r['sd_err_raw']:.3f}/{r['sd_err_psis']:.3f}  "
               f"k {r['khat']:.2f}  {r['seconds']:.1f}s  bad {r['non_finite']}", flush=True)
 
-    for name in names:
-        rows += run_model(name, a.quick, log)
     meta = {"quick": a.quick, "torch": torch.__version__, "pyro": pyro.__version__,
-            "machine": platform.machine(), "ours_steps": 300 if a.quick else 1000,
-            "their_steps": 1000 if a.quick else 4000,
-            "lrs": [0.01] if a.quick else [0.003, 0.01, 0.03]}
-    (out / "real_models.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    (out / "real_models.md").write_text(markdown(rows, meta))
-    plot(rows, out / "real_models.png")
+            "machine": platform.machine(), "ours_steps": ours_steps,
+            "their_steps": their_steps, "lrs": lrs}
+    for name in names:  # results are rewritten after every model
+        rows += run_model(name, ours_steps, their_steps, lrs, log)
+        (out / "real_models.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        (out / "real_models.md").write_text(markdown(rows, meta))
+        plot(rows, out / "real_models.png")
     print(markdown(rows, meta))
 
 
