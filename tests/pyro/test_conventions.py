@@ -3,6 +3,7 @@ the vectorized default (item 2). Each case failed on the code before the issue."
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pyro
@@ -265,3 +266,14 @@ def test_svi_uses_the_detected_mode_by_default():
         svi = _svi(no_broadcast_model, AutoStructuredNormal(no_broadcast_model))
         svi.step(Y)
     assert svi.vectorization == "loop"
+
+
+def test_detection_compares_non_finite_values_as_equal_entries():
+    from structvi.pyro.log_joint import _agree
+
+    inf, nan = math.inf, math.nan
+    a = torch.tensor([1.0, -inf, nan], dtype=F64)
+    assert _agree(a, a.clone())
+    assert not _agree(a, torch.tensor([1.0, inf, nan], dtype=F64))
+    assert not _agree(a, torch.tensor([1.0 + 1e-6, -inf, nan], dtype=F64))
+    assert not _agree(a[:2], a)
