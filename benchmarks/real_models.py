@@ -178,7 +178,8 @@ def run_row(name: str, label: str, make, steps: int, every: int, scorer: Scorer)
 
 def export_times(name: str, guide: AutoStructuredNormal, draws: int = 1000) -> dict[str, float]:
     """Seconds of ``to_inference_data``, ``psis_khat`` and Pyro's ``Predictive(parallel=True)``
-    for ``draws`` draws of a fitted guide (``nan`` where Predictive cannot run in parallel)."""
+    for ``draws`` draws of a fitted guide, each timed on its second call (``nan`` where
+    Predictive cannot run in parallel)."""
     from pyro.infer import Predictive
 
     from structvi.arviz import psis_khat, to_inference_data
@@ -194,8 +195,9 @@ def export_times(name: str, guide: AutoStructuredNormal, draws: int = 1000) -> d
             ("predictive_parallel", lambda: Predictive(model, guide=guide, num_samples=draws,
                                                        parallel=True)(*args)),
         ]:
-            t0 = time.perf_counter()
             try:
+                call()  # warm-up (set-up, vectorization detection)
+                t0 = time.perf_counter()
                 call()
                 out[key] = time.perf_counter() - t0
             except Exception:  # noqa: BLE001 -- a model Predictive cannot vectorize

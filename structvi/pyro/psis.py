@@ -51,11 +51,16 @@ def guide_log_joint(guide: Any, model: Callable[..., Any], args: tuple, kwargs: 
         trace = _condition_and_trace(model, values, None, args, kwargs)
     _refuse_subsampling(trace, what)
     nesting = plate_nesting(trace)
-    q = guide.get_posterior()
-    probe = q.sample((3,), generator=torch.Generator(q.loc.device).manual_seed(0))
-    with torch.enable_grad():
-        mode, _ = choose_vectorization(model, guide, args, kwargs, probe,
-                                       max_plate_nesting=nesting)
+    key = (id(model), tuple(tuple(a.shape) if isinstance(a, Tensor) else repr(a) for a in args),
+           tuple(sorted(kwargs)))
+    cache = guide.__dict__.setdefault("_structvi_vectorization", {})
+    if key not in cache:  # detected once per model and argument shapes
+        q = guide.get_posterior()
+        probe = q.sample((3,), generator=torch.Generator(q.loc.device).manual_seed(0))
+        with torch.enable_grad():
+            cache[key], _ = choose_vectorization(model, guide, args, kwargs, probe,
+                                                 max_plate_nesting=nesting)
+    mode = cache[key]
     fn = latent_log_joint(model, guide, args, kwargs, vectorize=mode, max_plate_nesting=nesting)
     return fn, mode, nesting, trace
 
