@@ -261,8 +261,11 @@ def _f(x: float, spec: str) -> str:
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
-    lines = [f"# Real models vs NUTS ({'quick' if meta['quick'] else 'full'}; torch "
-             f"{meta['torch']}, pyro {meta['pyro']}, 1 thread)", "",
+    spec = meta["ours_steps"] == 1000 and meta["their_steps"] == 4000 and len(meta["lrs"]) == 3
+    kind = "quick" if meta["quick"] else ("full" if spec else "reduced")
+    lines = [f"# Real models vs NUTS ({kind}: structvi {meta['ours_steps']} steps, Pyro "
+             f"{meta['their_steps']} steps at lr {meta['lrs']}; torch {meta['torch']}, "
+             f"pyro {meta['pyro']}, 1 thread)", "",
              "| model | method | ELBO | max \\|Δmean\\|/sd (raw / PSIS) | max \\|log sd ratio\\| "
              "(raw / PSIS) | k̂ | s | non-finite |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:

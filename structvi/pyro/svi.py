@@ -27,6 +27,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.infer.util import zero_grads
@@ -292,7 +293,8 @@ class NaturalGradientSVI:
         fitter.state = fitter.state._replace(loc=guide.loc.detach().clone(), factor=factor)
         log_joint = self._log_joint(args, kwargs)
         fitter.log_joint = log_joint
-        record = fitter.step()
+        with pyro.validation_enabled(False):  # an overflowing sample is a skipped step,
+            record = fitter.step()             # not a constraint error (set-up validated)
         guide.set_state(fitter.state.loc, fitter.state.factor)
         if (self._params or self._parts) and self.optim is not None:
             self._step_params(args, kwargs, log_joint.subsample())

@@ -277,3 +277,18 @@ def test_detection_compares_non_finite_values_as_equal_entries():
     assert not _agree(a, torch.tensor([1.0, inf, nan], dtype=F64))
     assert not _agree(a, torch.tensor([1.0 + 1e-6, -inf, nan], dtype=F64))
     assert not _agree(a[:2], a)
+
+
+def test_a_sample_outside_the_support_is_a_skipped_step_not_an_error():
+    """A step whose samples underflow a scale to 0 is skipped (nan loss), as for any
+    non-finite value, instead of raising Pyro's constraint-validation error."""
+    pyro.clear_param_store()
+    guide = AutoStructuredNormal(two_site_model, structure="diagonal")
+    svi = _svi(two_site_model, guide, estimator="hessian")
+    svi.step(X, Y_REG)
+    loc = guide.loc.detach().clone()
+    loc[-1] = -800.0  # log σ far below float64's range: σ = 0
+    guide.set_state(loc, guide.factor)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert math.isnan(svi.step(X, Y_REG))
