@@ -109,21 +109,25 @@ class Scorer:
     def _terms(self, m: torch.Tensor, C: torch.Tensor, eps: torch.Tensor):
         L = torch.linalg.cholesky(C + 1e-12 * torch.eye(C.shape[0], dtype=C.dtype))
         U = m + eps @ L.T
-        log_p = self.log_joint(U)
+        with pyro.validation_enabled(False):  # a diverged fit scores -inf/nan, not an error
+            log_p = self.log_joint(U)
         log_q = (-0.5 * eps.square().sum(1) - L.diagonal().log().sum()
                  - 0.5 * m.numel() * math.log(2 * math.pi))
         return U, log_p, log_q
 
     def elbo(self, m: torch.Tensor, C: torch.Tensor, eps: torch.Tensor | None = None) -> float:
         _, log_p, log_q = self._terms(m, C, self.eps_track if eps is None else eps)
-        return float((log_p - log_q).mean())
+        value = float((log_p - log_q).mean())
+        return value if math.isfinite(value) else math.nan
 
     def final(self, m: torch.Tensor, C: torch.Tensor) -> dict[str, float]:
         U, log_p, log_q = self._terms(m, C, self.eps)
         S = U.shape[0]
         flat = flat_sites(constrained_draws(self.packer, U), S)
         lr = (log_p - log_q).numpy()
-        out = {"elbo": float(lr.mean()), **self._errors(flat, np.full(S, 1.0 / S), "raw")}
+        elbo = float(lr.mean())
+        out = {"elbo": elbo if math.isfinite(elbo) else math.nan,
+               **self._errors(flat, np.full(S, 1.0 / S), "raw")}
         if np.isfinite(lr).all():
             lw, k = smooth_log_weights(lr)
             out.update(self._errors(flat, np.exp(lw), "psis"), khat=float(k))
@@ -132,6 +136,8 @@ class Scorer:
         return out
 
     def _errors(self, flat: np.ndarray, w: np.ndarray, tag: str) -> dict[str, float]:
+        if not np.isfinite(flat).all():
+            return {f"mean_err_{tag}": math.nan, f"sd_err_{tag}": math.nan}
         mean = w @ flat
         sd = np.sqrt(np.maximum(w @ (flat - mean) ** 2, 1e-300))
         return {f"mean_err_{tag}": float((np.abs(mean - self.mean) / self.sd).max()),
