@@ -188,7 +188,7 @@ def to_inference_data(
         ValueError: bad ``num_samples``/``num_chains``/``psis``, or a subsampled plate.
     """
     from structvi.psis import check_num_samples
-    from structvi.pyro.psis import _detached, guide_log_joint, replay
+    from structvi.pyro.psis import _detached, guide_log_joint
 
     check_num_samples(num_samples)
     check_num_samples(num_chains, name="num_chains")
