@@ -16,8 +16,9 @@ untempered ELBO (``τ = 1``) both posteriors keep many weights near their priors
 under-confidently (ECE ≈ 0.2 for both); the Kronecker posterior reaches a clearly higher ELBO
 (≈ −1350 vs ≈ −1490 after 1000 steps) and a lower test NLL. ``NaturalGradientSVI`` detects at
 set-up that a ``PyroModule`` network cannot broadcast a particle dimension and evaluates its 8
-samples per step with :func:`torch.func.vmap` (``svi.vectorization == "vmap"``), which brings a
-step to about the cost of Adam's single-sample ``AutoNormal`` step (``benchmarks/pyro_path.py``).
+samples per step with :func:`torch.func.vmap` (``svi.vectorization == "vmap"``): a step costs
+about 2× Adam's single-sample ``AutoNormal`` step (5× when the samples were evaluated one by
+one; ``benchmarks/pyro_path.py``).
 
 The script also saves a reliability diagram of both posterior predictives (accuracy against
 confidence in 15 bins; the diagonal is perfect calibration) to ``--plot``.
