@@ -14,12 +14,18 @@ probabilities over draws): accuracy, negative log-likelihood per example and the
 calibration error (ECE, 15 equal-width confidence bins), plus the full-data ELBO. With the
 untempered ELBO (``τ = 1``) both posteriors keep many weights near their priors and predict
 under-confidently (ECE ≈ 0.2 for both); the Kronecker posterior reaches a clearly higher ELBO
-(≈ −1350 vs ≈ −1490 after 1000 steps) and a lower test NLL, at about 5× the cost per step
-(8 model evaluations per step against Adam's one).
+(≈ −1350 vs ≈ −1490 after 1000 steps) and a lower test NLL. ``NaturalGradientSVI`` detects at
+set-up that a ``PyroModule`` network cannot broadcast a particle dimension and evaluates its 8
+samples per step with :func:`torch.func.vmap` (``svi.vectorization == "vmap"``): a step costs
+about 2× Adam's single-sample ``AutoNormal`` step (5× when the samples were evaluated one by
+one; ``benchmarks/pyro_path.py``).
+
+The script also saves a reliability diagram of both posterior predictives (accuracy against
+confidence in 15 bins; the diagonal is perfect calibration) to ``--plot``.
 
 Run::
 
-    python examples/pyro_bnn.py --steps 400
+    python examples/pyro_bnn.py --steps 400 --plot pyro_bnn_calibration.png
 """
 
 from __future__ import annotations
@@ -89,6 +95,41 @@ def predictive_probs(model: BayesianMLP, guide: Any, x: Tensor, num_samples: int
     return logits.softmax(-1).mean(0)
 
 
+def reliability(probs: Tensor, y: Tensor, bins: int = 15) -> dict[str, list[float]]:
+    """Per confidence bin: mean confidence, accuracy and the fraction of examples in it."""
+    confidence, predicted = probs.max(-1)
+    correct = (predicted == y).double()
+    which = torch.bucketize(confidence, torch.linspace(0, 1, bins + 1, dtype=confidence.dtype)[1:-1])
+    out = {"confidence": [], "accuracy": [], "fraction": []}
+    for b in range(bins):
+        inside = which == b
+        if inside.any():
+            out["confidence"].append(float(confidence[inside].double().mean()))
+            out["accuracy"].append(float(correct[inside].mean()))
+            out["fraction"].append(float(inside.double().mean()))
+    return out
+
+
+def plot_reliability(curves: dict[str, dict[str, list[float]]], path: str) -> None:
+    """Save a reliability diagram (one curve per method, marker area ∝ examples in the bin)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([0, 1], [0, 1], color="0.6", lw=1, ls="--", label="perfect calibration")
+    for label, c in curves.items():
+        ax.plot(c["confidence"], c["accuracy"], marker="o", lw=1.5, label=label)
+        ax.scatter(c["confidence"], c["accuracy"], s=[800 * f for f in c["fraction"]], alpha=0.3)
+    ax.set(xlabel="confidence (max predictive probability)", ylabel="accuracy", xlim=(0, 1),
+           ylim=(0, 1), title="Digits BNN: reliability on the test split")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def scores(probs: Tensor, y: Tensor, bins: int = 15) -> dict[str, float]:
     """Accuracy, mean negative log-likelihood and expected calibration error."""
     confidence, predicted = probs.max(-1)
@@ -143,7 +184,7 @@ def train_pyro(model, X, y, *, steps, batch_size, lr, seed) -> tuple[Any, float]
 
 def main(steps: int = 400, hidden: int = 32, batch_size: int = 256, num_samples: int = 8,
          adam_lr: float = 0.01, eval_samples: int = 100, seed: int = 0,
-         verbose: bool = True) -> dict[str, dict[str, float]]:
+         verbose: bool = True, plot: str | None = None) -> dict[str, dict[str, float]]:
     """Train both posteriors and score them on the test split.
 
     Args:
@@ -155,13 +196,15 @@ def main(steps: int = 400, hidden: int = 32, batch_size: int = 256, num_samples:
         eval_samples: posterior draws for the predictive.
         seed: seed of the data split, the initializations and the samplers.
         verbose: print a markdown table.
+        plot: path of a reliability-diagram PNG (``None``: no plot).
 
     Returns:
         ``{"structvi": {...}, "pyro": {...}}`` with accuracy, nll, ece and seconds.
     """
     X, y, X_te, y_te = load_digits(seed)
     model = BayesianMLP(X.shape[1], hidden, 10)
-    results = {}
+    results, curves = {}, {}
+    labels = {"structvi": "structvi Kronecker NGD", "pyro": "Pyro AutoNormal + Adam"}
     runs = {
         "structvi": lambda: train_structvi(model, X, y, steps=steps, batch_size=batch_size,
                                            num_samples=num_samples, seed=seed),
@@ -170,12 +213,15 @@ def main(steps: int = 400, hidden: int = 32, batch_size: int = 256, num_samples:
     }
     for name, run in runs.items():
         guide, seconds = run()
-        results[name] = {**scores(predictive_probs(model, guide, X_te, eval_samples), y_te),
-                         "elbo": full_data_elbo(model, guide, X, y), "seconds": seconds}
+        probs = predictive_probs(model, guide, X_te, eval_samples)
+        curves[labels[name]] = reliability(probs, y_te)
+        results[name] = {**scores(probs, y_te), "elbo": full_data_elbo(model, guide, X, y),
+                         "seconds": seconds}
+    if plot is not None:
+        plot_reliability(curves, plot)
     if verbose:
         print(f"digits BNN (64-{hidden}-10), {steps} steps, batch {batch_size}")
         print("| method | accuracy | NLL | ECE | ELBO | time (s) |\n|---|---|---|---|---|---|")
-        labels = {"structvi": "structvi Kronecker NGD", "pyro": "Pyro AutoNormal + Adam"}
         for name, r in results.items():
             print(f"| {labels[name]} | {r['accuracy']:.3f} | {r['nll']:.3f} | {r['ece']:.3f} "
                   f"| {r['elbo']:.1f} | {r['seconds']:.1f} |")
@@ -189,6 +235,8 @@ if __name__ == "__main__":
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--num-samples", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--plot", default="pyro_bnn_calibration.png",
+                        help="reliability-diagram PNG path ('' for none)")
     a = parser.parse_args()
     main(steps=a.steps, hidden=a.hidden, batch_size=a.batch_size, num_samples=a.num_samples,
-         seed=a.seed)
+         seed=a.seed, plot=a.plot or None)

@@ -28,7 +28,10 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["gpd_khat", "khat_threshold", "pareto_khat", "psis_khat", "to_inference_data"]
+from structvi.psis import khat_threshold
+
+__all__ = ["gpd_khat", "khat_threshold", "pareto_khat", "pointwise_khat", "psis_khat",
+           "to_inference_data"]
 
 
 def _arviz():
@@ -42,11 +45,6 @@ def _arviz_major() -> int:
 
 
 # ---------------------------------------------------------------------- Pareto k-hat
-def khat_threshold(num_samples: int) -> float:
-    """The sample-size-dependent reliability threshold ``min(1 − 1/log10(S), 0.7)``."""
-    return min(1.0 - 1.0 / math.log10(num_samples), 0.7)
-
-
 def gpd_khat(tail: np.ndarray) -> float:
     """Shape ``k̂`` of a generalized Pareto fit to positive exceedances ``tail``.
 
@@ -116,58 +114,11 @@ def pareto_khat(log_weights: np.ndarray | torch.Tensor) -> float:
     return _khat_numpy(lw)
 
 
-# ---------------------------------------------------------------------- draws from the guide
-def _plate_nesting(guide: Any) -> int:
-    """Number of plate dims around the guide's latent sites (for a batched unpack)."""
-    nesting = 0
-    for _, site in guide.prototype_trace.iter_stochastic_nodes():
-        for frame in site["cond_indep_stack"]:
-            if frame.vectorized and frame.dim is not None:
-                nesting = max(nesting, -frame.dim)
-    return nesting
-
-
-def _posterior_draws(guide: Any, num_samples: int, generator: torch.Generator | None):
-    """``num_samples`` draws of every latent site, shape ``(S,) + site shape`` (constrained)."""
-    with torch.no_grad():
-        q = guide.get_posterior()
-        U = q.sample((num_samples,), generator=generator)
-        nesting = _plate_nesting(guide)
-        values, _ = guide.constrain(U.reshape((num_samples,) + (1,) * nesting + U.shape[1:]))
-    shapes = {name: site["value"].shape
-              for name, site in guide.prototype_trace.iter_stochastic_nodes()}
-    return {name: v.reshape((num_samples,) + shapes[name]) for name, v in values.items()}
-
-
-def _replay_draws(model, draws, args, kwargs, *, predictive: bool):
-    """Run the model at each draw: per-observation log-likelihoods, predictive draws, data."""
-    import pyro.poutine as poutine
-
-    num = next(iter(draws.values())).shape[0]
-    loglik, pred, observed, deterministic = {}, {}, {}, {}
-    for s in range(num):
-        with torch.no_grad(), poutine.block():
-            tr = poutine.trace(poutine.condition(model, {k: v[s] for k, v in draws.items()}))
-            trace = tr.get_trace(*args, **kwargs)
-        for name, site in trace.nodes.items():
-            if site["type"] != "sample":
-                continue
-            if site["infer"].get("_deterministic"):
-                deterministic.setdefault(name, []).append(site["value"])
-            elif site["is_observed"] and name not in draws:
-                fn = site["fn"]
-                loglik.setdefault(name, []).append(fn.log_prob(site["value"]))
-                if predictive:
-                    pred.setdefault(name, []).append(fn.sample())
-                observed[name] = site["value"]
-    stack = {k: torch.stack(v) for k, v in loglik.items()}
-    return stack, {k: torch.stack(v) for k, v in pred.items()}, observed, {
-        k: torch.stack(v) for k, v in deterministic.items()}
-
-
-def _numpy_chain(group: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    """``(S, ...)`` tensors as ``(1 chain, S draws, ...)`` arrays."""
-    return {k: v.detach().double().cpu().numpy()[None] for k, v in group.items()}
+# ---------------------------------------------------------------------- export
+def _chains(group: dict[str, torch.Tensor], chains: int) -> dict[str, np.ndarray]:
+    """``(S, ...)`` tensors as ``(chains, S / chains, ...)`` arrays (pseudo-chains)."""
+    return {k: v.detach().double().cpu().numpy().reshape((chains, -1) + tuple(v.shape[1:]))
+            for k, v in group.items()}
 
 
 def _from_dict(groups: dict[str, dict[str, np.ndarray]], **extra: Any):
@@ -194,6 +145,8 @@ def to_inference_data(
     *,
     model_args: tuple = (),
     model_kwargs: dict[str, Any] | None = None,
+    num_chains: int = 4,
+    psis: str | None = "weights",
     posterior_predictive: bool = True,
     coords: dict[str, Any] | None = None,
     dims: dict[str, list[str]] | None = None,
@@ -201,46 +154,131 @@ def to_inference_data(
 ):
     """Draws from a fitted :class:`~structvi.pyro.AutoStructuredNormal` as ArviZ data.
 
-    The model is run once per draw with the latent sites substituted (pass the full data set,
-    not a subsampled plate, so that ``log_likelihood`` has one entry per observation).
+    The draws are evaluated in one vectorized model run (a particle plate, or
+    :func:`torch.func.vmap` for ``PyroModule`` networks; one run per draw only for models that
+    support neither). The ``S`` independent draws are split into ``num_chains`` pseudo-chains,
+    so ``az.summary`` reports finite r̂ and ESS (r̂ ≈ 1: the draws are i.i.d.).
 
     Args:
         guide: the fitted guide.
-        model: the Pyro model.
-        num_samples: number of draws ``S`` (one chain).
+        model: the Pyro model, called with the full data (a subsampled plate is an error).
+        num_samples: number of draws ``S`` (a multiple of ``num_chains``).
         model_args: model positional arguments.
         model_kwargs: model keyword arguments.
+        num_chains: number of pseudo-chains.
+        psis: ``"weights"`` — the posterior holds ``q``'s draws and ``sample_stats`` their
+            Pareto-smoothed importance weights; ``"resample"`` — the posterior holds ``S``
+            draws resampled by those weights (importance-corrected, :mod:`structvi.psis`);
+            ``None`` — no importance ratios (no extra log-density evaluation).
         posterior_predictive: also draw the observed sites at each draw.
         coords: ArviZ coordinates.
         dims: ArviZ dimension names per variable.
-        generator: source of the draws from ``q``.
+        generator: source of the draws from ``q`` (and of the resampling).
 
     Returns:
         ``InferenceData`` (ArviZ 0.x) / ``DataTree`` (1.x) with ``posterior`` (latent and
-        ``pyro.deterministic`` sites), ``log_likelihood``, ``observed_data`` and, if asked,
-        ``posterior_predictive``; attributes ``inference_library="structvi"``, the guide class and
-        ``structvi_structure`` (the factor's JSON spec).
+        ``pyro.deterministic`` sites), ``log_likelihood``, ``observed_data``, if asked
+        ``posterior_predictive``, and with ``psis`` a ``sample_stats`` group
+        (``log_importance_ratio``: raw ``log p − log q``; ``log_weight``: smoothed, normalized).
+        Attributes: ``inference_library="structvi"``, the guide class, ``structvi_structure``
+        (the factor's JSON spec) and with ``psis`` ``pareto_k`` and ``pareto_k_threshold``.
+        :func:`pointwise_khat` gives per-observation PSIS-LOO ``k̂``.
 
     Raises:
-        ValueError: ``num_samples`` not an integer ``>= 1``.
+        ValueError: bad ``num_samples``/``num_chains``/``psis``, or a subsampled plate.
     """
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be an integer >= 1, got num_samples={num_samples!r}")
-    kwargs = {} if model_kwargs is None else model_kwargs
-    guide.setup(*model_args, **kwargs)
-    draws = _posterior_draws(guide, num_samples, generator)
-    loglik, pred, observed, deterministic = _replay_draws(
-        model, draws, model_args, kwargs, predictive=posterior_predictive)
-    groups = {"posterior": _numpy_chain({**draws, **deterministic}),
-              "log_likelihood": _numpy_chain(loglik),
-              "observed_data": {k: v.detach().double().cpu().numpy() for k, v in observed.items()}}
-    if posterior_predictive:
-        groups["posterior_predictive"] = _numpy_chain(pred)
-    from structvi import __version__ as version
+    from structvi.psis import check_num_samples
+    from structvi.pyro.psis import _detached, guide_log_joint
 
-    attrs = {"inference_library": "structvi", "inference_library_version": str(version),
-             "guide": type(guide).__name__, "structvi_structure": json.dumps(guide.factor_spec())}
+    check_num_samples(num_samples)
+    check_num_samples(num_chains, name="num_chains")
+    if num_samples % num_chains:
+        raise ValueError(f"num_samples={num_samples} must be a multiple of num_chains="
+                         f"{num_chains} (the draws are split into pseudo-chains)")
+    if psis not in ("weights", "resample", None):
+        raise ValueError(f"psis must be 'weights', 'resample' or None, got psis={psis!r}")
+    if psis is not None:
+        check_num_samples(num_samples, 25)
+    kwargs = {} if model_kwargs is None else model_kwargs
+    log_joint, mode, nesting, _ = guide_log_joint(guide, model, model_args, kwargs,
+                                                  "to_inference_data")
+    attrs = {"inference_library": "structvi", "guide": type(guide).__name__,
+             "structvi_structure": json.dumps(guide.factor_spec())}
+    stats = None
+    if psis is None:
+        with torch.no_grad():
+            U = _detached(guide).sample((num_samples,), generator=generator)
+    else:
+        from structvi.psis import psis as run_psis
+
+        result = run_psis(_detached(guide), log_joint, num_samples, generator=generator)
+        U = result.draws
+        stats = {"log_importance_ratio": result.log_ratios, "log_weight": result.log_weights}
+        if psis == "resample":
+            idx = result.resample(generator=generator)
+            U, stats = U[idx], {k: v[idx] for k, v in stats.items()}
+        attrs.update(pareto_k=result.khat, pareto_k_threshold=result.threshold,
+                     psis=psis)
+    return _export(guide, model, U, model_args, kwargs, mode, nesting, num_chains, stats,
+                   posterior_predictive, attrs, coords, dims)
+
+
+def _export(guide, model, U, args, kwargs, mode, nesting, chains, stats, predictive, attrs,
+            coords, dims):
+    from structvi import __version__ as version
+    from structvi.pyro.psis import constrained_draws, replay
+
+    draws = constrained_draws(guide, U)
+    loglik, pred, observed, deterministic = replay(model, guide, U, args, kwargs, mode=mode,
+                                                   nesting=nesting, predictive=predictive)
+    groups = {"posterior": _chains({**draws, **deterministic}, chains),
+              "log_likelihood": _chains(loglik, chains),
+              "observed_data": {k: v.detach().double().cpu().numpy() for k, v in observed.items()}}
+    if predictive:
+        groups["posterior_predictive"] = _chains(pred, chains)
+    if stats is not None:
+        groups["sample_stats"] = _chains(stats, chains)
+    attrs = {**attrs, "inference_library_version": str(version)}
     return _from_dict(groups, coords=coords, dims=dims, attrs=attrs)
+
+
+def pointwise_khat(idata: Any) -> dict[str, np.ndarray]:
+    """Per-observation PSIS-LOO ``k̂`` of data exported with ``psis="weights"``.
+
+    The leave-one-out ratio of observation ``i`` at draw ``s`` is
+    ``r_s / p(y_i | z_s)`` (``r_s`` the importance ratio of ``q``'s draw); a ``k̂`` above 0.7
+    marks an observation whose LOO estimate is unreliable (influential).
+
+    Returns:
+        ``{observed site: k̂ of shape (observation shape)}``.
+
+    Raises:
+        ValueError: no ``sample_stats.log_importance_ratio`` (exported with ``psis=None`` or
+            ``"resample"``).
+    """
+    from structvi.psis import smooth_log_weights
+
+    stats = idata["sample_stats"] if "sample_stats" in _group_names(idata) else None
+    if stats is None or "log_importance_ratio" not in stats or \
+            stats.attrs.get("psis", "weights") != "weights":
+        raise ValueError("pointwise_khat needs data from to_inference_data(..., psis='weights') "
+                         "(sample_stats.log_importance_ratio of q's draws)")
+    log_r = np.asarray(stats["log_importance_ratio"]).reshape(-1)
+    out = {}
+    for name, lik in idata["log_likelihood"].items():
+        values = np.asarray(lik)
+        values = values.reshape((log_r.size,) + values.shape[2:])
+        ratios = log_r.reshape((-1,) + (1,) * (values.ndim - 1)) - values
+        _, k = smooth_log_weights(np.moveaxis(ratios, 0, -1))
+        out[name] = np.asarray(k)
+    return out
+
+
+def _group_names(idata: Any) -> list[str]:
+    groups = getattr(idata, "groups", None)
+    if callable(groups):
+        return list(groups())
+    return list(getattr(idata, "children", {}))
 
 
 def psis_khat(
@@ -254,30 +292,26 @@ def psis_khat(
 ) -> float:
     """Pareto ``k̂`` of the importance ratios ``log p(x, T(u)) + log|J_T(u)| − log q(u)``.
 
-    ``u_s = μ + K ε_s`` with ``log q(u_s) = −½‖ε_s‖² − log|det K| − (d/2) log 2π`` (no solve).
-    Reading (module docstring): ``k̂ < 0.7`` — ``q`` is a reliable posterior approximation.
+    ``u_s = μ + K ε_s`` with ``log q(u_s) = −½‖ε_s‖² − log|det K| − (d/2) log 2π`` (no solve);
+    the model runs once, vectorized (:func:`to_inference_data`). Reading (module docstring):
+    ``k̂ < 0.7`` — ``q`` is a reliable posterior approximation. For the corrected moments and
+    resampled draws use :func:`structvi.pyro.psis.guide_psis` (or ``guide.psis(model, ...)``).
 
     Args:
         guide: the fitted :class:`~structvi.pyro.AutoStructuredNormal`.
-        model: the Pyro model.
-        num_samples: number of draws ``S`` (``≥ 25``; 1000 or more recommended).
+        model: the Pyro model, called with the full data (a subsampled plate is an error).
+        num_samples: number of draws ``S`` (an integer ``≥ 25``; 1000 or more recommended).
         model_args: model positional arguments.
         model_kwargs: model keyword arguments.
         generator: source of the draws.
 
     Returns:
         ``k̂``.
-    """
-    from structvi.pyro.svi import latent_log_joint
 
-    kwargs = {} if model_kwargs is None else model_kwargs
-    guide.setup(*model_args, **kwargs)
-    with torch.no_grad():
-        q = guide.get_posterior()
-        d = q.dim
-        eps = torch.randn(num_samples, d, generator=generator, dtype=q.loc.dtype)
-        U = q.loc + q.factor.matmul(eps.T.to(q.factor.dtype)).T.to(q.loc.dtype)
-        log_q = -0.5 * eps.double().square().sum(1) - float(q.factor.logabsdet()) \
-            - 0.5 * d * math.log(2 * math.pi)
-        log_p = latent_log_joint(model, guide, model_args, kwargs)(U).double()
-    return pareto_khat((log_p - log_q).cpu().numpy())
+    Raises:
+        ValueError: a bad ``num_samples`` or a subsampled plate.
+    """
+    from structvi.pyro.psis import guide_psis
+
+    return guide_psis(guide, model, num_samples, model_args=model_args, model_kwargs=model_kwargs,
+                      generator=generator, warn=False).khat

@@ -9,7 +9,8 @@ a registered structure of :mod:`structvi.structures`).
 
 from structvi.structures.block_sites import BlockSites
 from structvi.pyro.guides import AutoStructuredNormal, PyroStructuredGaussian
-from structvi.pyro.svi import NaturalGradientSVI, latent_log_joint
+from structvi.pyro.log_joint import latent_log_joint
+from structvi.pyro.svi import NaturalGradientSVI
 
 __all__ = [
     "AutoStructuredNormal",

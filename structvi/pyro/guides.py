@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -40,6 +40,7 @@ from structvi.gaussian import StructuredGaussian
 from structvi.structures import structure_from_spec
 from structvi.structures.block_sites import BlockSites, block_spec
 from structvi.structures import Structure, make_structure
+from structvi.pyro._specs import fit_to_size, parse_site_spec
 
 __all__ = ["DEFAULT_SITE_STRUCTURE", "AutoStructuredNormal", "PyroStructuredGaussian"]
 
@@ -52,35 +53,6 @@ StructureArg = str | Mapping[str, Any]
 class PyroStructuredGaussian(StructuredGaussian, TorchDistributionMixin):
     """:class:`~structvi.gaussian.StructuredGaussian` usable as a Pyro distribution
     (``pyro.sample``, plates, ``Predictive(parallel=True)``)."""
-
-
-def _parse_site_spec(site: str, spec: Any) -> tuple[str, dict[str, Any]]:
-    """``name``, ``(name, {options})`` or ``{"name": ..., **options}`` → ``(name, options)``."""
-    if isinstance(spec, str):
-        return spec, {}
-    if isinstance(spec, Mapping) and "name" in spec:
-        opts = dict(spec.get("options", {})) if set(spec) <= {"name", "options"} else {
-            k: v for k, v in spec.items() if k != "name"}
-        return spec["name"], opts
-    if isinstance(spec, Sequence) and len(spec) == 2 and isinstance(spec[1], Mapping):
-        return spec[0], dict(spec[1])
-    raise ValueError(
-        f"structure[{site!r}] must be a structure name, (name, {{options}}) or "
-        f"{{'name': ..., **options}}, got {spec!r}"
-    )
-
-
-def _with_kronecker_dims(name: str, options: dict[str, Any], shape: torch.Size,
-                         site: str) -> dict[str, Any]:
-    """Fill ``dims`` of a Kronecker spec from a matrix-shaped site (row-major flattening)."""
-    if name != "kronecker" or "dims" in options:
-        return options
-    if len(shape) < 2:
-        raise ValueError(
-            f"structure 'kronecker' for site {site!r} needs a matrix-shaped site (at least 2 "
-            f"dims) or explicit dims=(d1, d2), got unconstrained shape {tuple(shape)}"
-        )
-    return {**options, "dims": (math.prod(shape[:-1]), shape[-1])}
 
 
 class AutoStructuredNormal(AutoContinuous):
@@ -133,12 +105,22 @@ class AutoStructuredNormal(AutoContinuous):
     # ------------------------------------------------------------------ setup
     def setup(self, *args: Any, **kwargs: Any) -> None:
         """Run the model once (if not done yet) to find the latent sites and create the
-        variational parameters; the same ``*args, **kwargs`` as the model."""
+        variational parameters; the same ``*args, **kwargs`` as the model.
+
+        The parameters are registered in Pyro's param store (as calling the guide does), so
+        ``pyro.get_param_store().save()`` writes the trained guide and a guide set up after
+        ``pyro.get_param_store().load()`` starts from the stored values.
+
+        Raises:
+            ValueError: a latent site inside a subsampled plate (local latents).
+        """
         if self.prototype_trace is None:
-            self._setup_prototype(*args, **kwargs)
+            with self._pyro_context:
+                self._setup_prototype(*args, **kwargs)
 
     def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
         super()._setup_prototype(*args, **kwargs)
+        _refuse_local_latents(self.prototype_trace)
         loc = self._init_loc()
         factor = self._make_factor(loc.dtype, loc.device).scale(self._init_scale)
         self.loc = nn.Parameter(loc)
@@ -162,12 +144,10 @@ class AutoStructuredNormal(AutoContinuous):
         shapes = {name: self._unconstrained_shapes[name]
                   for name, _ in self.prototype_trace.iter_stochastic_nodes()}
         if isinstance(self._structure, str):
-            opts = self._options
-            if len(shapes) == 1:
-                ((site, shape),) = shapes.items()
-                opts = _with_kronecker_dims(self._structure, opts, shape, site)
-            return make_structure(self._structure, self.latent_dim, dtype=dtype, device=device,
-                                  **opts)
+            shape = next(iter(shapes.values())) if len(shapes) == 1 else (self.latent_dim,)
+            name, opts = fit_to_size(self._structure, self._options, shape,
+                                     "the latent vector")
+            return make_structure(name, self.latent_dim, dtype=dtype, device=device, **opts)
         unknown = sorted(set(self._structure) - set(shapes))
         if unknown:
             raise ValueError(
@@ -176,8 +156,8 @@ class AutoStructuredNormal(AutoContinuous):
             )
         blocks = []
         for site, shape in shapes.items():
-            name, opts = _parse_site_spec(site, self._structure.get(site, DEFAULT_SITE_STRUCTURE))
-            opts = _with_kronecker_dims(name, opts, shape, site)
+            name, opts = parse_site_spec(site, self._structure.get(site, DEFAULT_SITE_STRUCTURE))
+            name, opts = fit_to_size(name, opts, shape, f"site {site!r}")
             blocks.append(block_spec(name, math.prod(shape), **opts))
         return BlockSites.identity(self.latent_dim, dtype=dtype, device=device, blocks=blocks)
 
@@ -187,6 +167,20 @@ class AutoStructuredNormal(AutoContinuous):
                 f"{type(self).__name__}.{what} needs the guide to be set up: call the guide, "
                 f"guide.setup(*model_args), or a NaturalGradientSVI step first"
             )
+
+    def _setup_for(self, what: str, args: tuple, kwargs: dict[str, Any]) -> None:
+        """Set up with the model arguments a method was given, or explain why it cannot."""
+        if self.prototype_trace is not None:
+            return
+        try:
+            self.setup(*args, **kwargs)
+        except Exception as exc:
+            raise RuntimeError(
+                f"{type(self).__name__}.{what} needs the guide to be set up, and setting it up "
+                f"with the arguments given ({len(args)} positional, {sorted(kwargs)} keyword) "
+                f"failed ({type(exc).__name__}: {exc}); pass the model's arguments, e.g. "
+                f"guide.{what}(*model_args), or call guide.setup(*model_args) first"
+            ) from exc
 
     # ------------------------------------------------------------------ state
     @property
@@ -222,11 +216,24 @@ class AutoStructuredNormal(AutoContinuous):
 
     # ------------------------------------------------------------------ AutoContinuous hooks
     def get_posterior(self, *args: Any, **kwargs: Any) -> PyroStructuredGaussian:
-        """The posterior over the unconstrained latent vector, ``N(loc, K Kᵀ)``."""
+        """The posterior over the unconstrained latent vector, ``N(loc, K Kᵀ)`` (sets the guide
+        up with ``*args, **kwargs`` first if needed, like ``median``/``quantiles``)."""
+        self._setup_for("get_posterior", args, kwargs)
         return PyroStructuredGaussian(self.loc, self.factor)
 
     def _loc_scale(self, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        self._setup_for("median", args, kwargs)
         return self.loc, self.factor.gram_diagonal().sqrt()
+
+    def psis(self, model: Callable[..., Any], *args: Any, num_samples: int = 1000,
+             generator: torch.Generator | None = None, **kwargs: Any):
+        """Pareto-smoothed importance weights of ``num_samples`` draws of ``q`` against the
+        model's posterior (:func:`structvi.pyro.psis.guide_psis`): ``k̂``, corrected moments and
+        resampled draws; warns when ``k̂`` exceeds the reliability threshold."""
+        from structvi.pyro.psis import guide_psis
+
+        return guide_psis(self, model, num_samples, model_args=args, model_kwargs=kwargs,
+                          generator=generator)
 
     def constrain(self, latent: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Unpack an unconstrained latent of shape ``batch + (d,)`` into site values.
@@ -242,3 +249,17 @@ class AutoStructuredNormal(AutoContinuous):
             values[site["name"]] = value
             ladj[site["name"]] = transform.log_abs_det_jacobian(u, value)
         return values, ladj
+
+
+def _refuse_local_latents(trace: Any) -> None:
+    """Raise if a latent site lives in a subsampled plate (its posterior would be wrong)."""
+    for name, site in trace.iter_stochastic_nodes():
+        for frame in site["cond_indep_stack"]:
+            if frame.full_size is not None and frame.size != frame.full_size:
+                raise ValueError(
+                    f"latent site {name!r} is inside the subsampled plate {frame.name!r} "
+                    f"(subsample {frame.size} of {frame.full_size}): AutoStructuredNormal has "
+                    f"one mean and factor for all latents, so local latents that change with the "
+                    f"minibatch cannot be fitted; use the full plate (subsample_size=None) for "
+                    f"this site, or an amortized/other guide for it (e.g. in an AutoGuideList)"
+                )

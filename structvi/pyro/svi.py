@@ -7,13 +7,16 @@ The objective is the ELBO in the guide's unconstrained space ``u`` (MATH (2.1) w
 
 ``T`` the ``biject_to`` map of each site. One :meth:`NaturalGradientSVI.step` draws samples
 ``u_s = μ + K ε_s``, evaluates ``log p(x, T(u_s))`` by tracing the model with the sample
-substituted (``poutine.condition``; ``trace.log_prob_sum()`` applies the ``pyro.plate`` scales,
+substituted (:mod:`structvi.pyro.log_joint`: in one particle plate, under ``vmap``, or once per
+sample — detected at set-up; ``poutine.condition``; ``trace.log_prob_sum()`` applies the ``pyro.plate`` scales,
 so a subsampled plate gives the unbiased full-data estimate), estimates ``E_q[∇f]`` and
 ``Π̂(Kᵀ Ē K)`` with :mod:`structvi.estimators` and takes one :func:`structvi.engine.step`
 (through :class:`structvi.fit.Fitter`, which also skips non-finite steps). All samples of a step
 share one minibatch: the plates' subsample indices are drawn once per step and replayed.
-Ordinary ``pyro.param`` sites of the model are trained in the same step by ``optim`` (a Pyro
-optimizer) on the Monte-Carlo estimate of ``−E_q[log p]``.
+Ordinary ``pyro.param`` sites of the model, and the other parts of an ``AutoGuideList``, are
+trained in the same step by ``optim`` (a Pyro optimizer) on the Monte-Carlo estimate of
+``−E_q[log p] + log q_parts``. Pyro conventions (argument names, sample counts, guide lists):
+:mod:`structvi.pyro._conventions`.
 """
 
 from __future__ import annotations
@@ -27,149 +30,42 @@ from typing import Any
 import pyro
 import pyro.poutine as poutine
 import torch
-from pyro.distributions.util import scale_and_mask
 from pyro.infer.util import zero_grads
 from pyro.optim import PyroOptim
-from pyro.poutine.util import site_is_subsample
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from structvi.engine import NGDConfig
 from structvi.estimators import DEFAULT_NUM_SAMPLES, check_estimator
 from structvi.fit import Fitter, default_config
+from structvi.pyro._conventions import check_config_options, split_guide, warn_sample_count
 from structvi.pyro.guides import AutoStructuredNormal
+from structvi.pyro.log_joint import (_condition_and_trace, choose_vectorization,
+                                     latent_log_joint, plate_nesting)
 
-__all__ = ["NaturalGradientSVI", "latent_log_joint"]
+__all__ = ["NaturalGradientSVI", "latent_log_joint"]  # latent_log_joint: re-export
 
-_PARTICLES = "_structvi_particles"
-
-
-def _condition_and_trace(model, values, subsample, args, kwargs, particles=None):
-    """Trace ``model`` with latent ``values`` substituted and plate subsamples replayed."""
-    fn = poutine.condition(model, data=values)
-    if subsample is not None:
-        fn = poutine.replay(fn, trace=subsample)
-    if particles is not None:
-        size, dim = particles
-        inner = fn
-
-        def fn(*a, **k):
-            with pyro.plate(_PARTICLES, size, dim=dim):
-                return inner(*a, **k)
-
-    return poutine.trace(fn).get_trace(*args, **kwargs)
-
-
-def _per_particle(lp: Tensor | float, n: int, dim: int) -> Tensor:
-    """Sum a log-density over every batch dim except the particle dim ``dim`` (negative)."""
-    lp = torch.as_tensor(lp)
-    if lp.dim() < -dim:
-        return lp.sum().expand(n)
-    if lp.dim() > -dim or lp.shape[0] not in (1, n):
-        raise ValueError(
-            f"vectorized particles: a log-density has batch shape {tuple(lp.shape)}, expected at "
-            f"most {-dim} dims with the {n} particles leftmost (dim {dim}); the model must "
-            f"broadcast over leading batch dims of its latents (or use vectorize_particles=False)"
-        )
-    return lp.reshape(lp.shape[0], -1).sum(1).expand(n)
-
-
-def _trace_log_joint(trace, ladj, n: int | None, dim: int | None) -> Tensor:
-    """``Σ_sites log p`` (scaled, masked) plus the scaled log-Jacobians, per particle."""
-    terms = []
-    for site in trace.nodes.values():
-        if site["type"] != "sample" or site_is_subsample(site):
-            continue
-        lp = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
-        lp = scale_and_mask(lp, site["scale"], site["mask"])
-        terms.append(torch.as_tensor(lp).sum() if n is None else _per_particle(lp, n, dim))
-    for name, value in ladj.items():
-        scaled = value * trace.nodes[name]["scale"]
-        terms.append(scaled.sum() if n is None else scaled.reshape(n, -1).sum(1))
-    return sum(terms[1:], terms[0])
-
-
-def _subsample_sites(trace: poutine.Trace) -> poutine.Trace:
-    """The plate-subsample sites of ``trace`` (the minibatch indices), as a trace to replay."""
-    out = poutine.Trace()
-    for name, site in trace.nodes.items():
-        if site_is_subsample(site):
-            out.add_node(name, **site)
-    return out
-
-
-def latent_log_joint(
-    model: Callable[..., Any],
-    guide: AutoStructuredNormal,
-    args: tuple = (),
-    kwargs: dict[str, Any] | None = None,
-    *,
-    subsample: poutine.Trace | None = None,
-    vectorize: bool = False,
-    max_plate_nesting: int = 0,
-) -> Callable[[Tensor], Tensor]:
-    """``U ↦ log p(x, T(u_s)) + log|det J_T(u_s)|`` for the rows ``u_s`` of ``U``, ``(n, d) → (n,)``.
-
-    Every evaluation of the returned function uses one minibatch: the plate-subsample indices
-    of ``subsample`` or, if ``None``, those drawn by its first model run (so make a new function
-    for a new minibatch). ``trace.log_prob_sum``-style scaling makes each evaluation the
-    unbiased full-data estimate.
-
-    Args:
-        model: the Pyro model.
-        guide: a set-up :class:`AutoStructuredNormal` (it defines the packing and the ``T``'s).
-        args: model positional arguments.
-        kwargs: model keyword arguments.
-        subsample: a trace whose plate-subsample sites are replayed.
-        vectorize: evaluate all rows in one model run inside a particle ``pyro.plate`` (the model
-            must broadcast over a leading batch dim, as for
-            ``Trace_ELBO(vectorize_particles=True)``); otherwise one model run per row.
-        max_plate_nesting: number of plate dims the model uses (vectorized mode).
-
-    Returns:
-        The function, differentiable in ``U`` and in the model's ``pyro.param``\\ s.
-    """
-    kwargs = {} if kwargs is None else kwargs
-    guide._require_setup("latent_log_joint")
-    dim = -(max_plate_nesting + 1)
-    cell = {"subsample": subsample}
-
-    def trace_at(values: dict[str, Tensor], particles: tuple[int, int] | None = None):
-        trace = _condition_and_trace(model, values, cell["subsample"], args, kwargs, particles)
-        if cell["subsample"] is None:
-            cell["subsample"] = _subsample_sites(trace)
-        return trace
-
-    def single(u: Tensor) -> Tensor:
-        values, ladj = guide.constrain(u)
-        return _trace_log_joint(trace_at(values), ladj, None, None)
-
-    def log_joint(U: Tensor) -> Tensor:
-        if U.dim() != 2 or U.shape[1] != guide.latent_dim:
-            raise ValueError(f"expected points of shape (n, {guide.latent_dim}), got "
-                             f"{tuple(U.shape)}")
-        if not vectorize:
-            return torch.stack([single(u) for u in U])
-        n = U.shape[0]
-        values, ladj = guide.constrain(U.reshape((n,) + (1,) * max_plate_nesting + U.shape[1:]))
-        return _trace_log_joint(trace_at(values, (n, dim)), ladj, n, dim)
-
-    return log_joint
-
-
-def _inspect_model(model, guide, args, kwargs) -> tuple[int, set[str]]:
+def _inspect_model(model, guide, args, kwargs, fixed) -> tuple[int, set[str]]:
     """One model run at the guide's mean: (max plate nesting, names of ``pyro.param`` sites)."""
     with torch.no_grad():
         values, _ = guide.constrain(guide.loc.detach())
     with poutine.block():
-        trace = _condition_and_trace(model, values, None, args, kwargs)
-    nesting, params = 0, set()
-    for name, site in trace.nodes.items():
-        if site["type"] == "param":
-            params.add(name)
-        for frame in site.get("cond_indep_stack", ()):
-            if frame.vectorized and frame.dim is not None:
-                nesting = max(nesting, -frame.dim)
-    return nesting, params
+        trace = _condition_and_trace(model, {**fixed, **values}, None, args, kwargs)
+    params = {name for name, site in trace.nodes.items() if site["type"] == "param"}
+    return plate_nesting(trace), params
+
+
+def _run_parts(parts: list[Any], args: tuple, kwargs: dict[str, Any]):
+    """Run the non-structured parts of a guide list: their values and ``Σ log q`` (with grad)."""
+    if not parts:
+        return {}, 0.0
+    with poutine.block(hide_types=["sample"]), poutine.trace() as capture:
+        for part in parts:
+            part(*args, **kwargs)
+    trace = capture.trace
+    values = {name: site["value"] for name, site in trace.iter_stochastic_nodes()
+              if not site["infer"].get("is_auxiliary")}
+    return values, trace.log_prob_sum()
 
 
 def _log_joint_set_per_step(U: Tensor) -> Tensor:
@@ -216,7 +112,8 @@ class NaturalGradientSVI:
 
     Args:
         model: the Pyro model.
-        guide: the :class:`AutoStructuredNormal` to train.
+        guide: the :class:`AutoStructuredNormal` to train, or an ``AutoGuideList`` holding one
+            (its other parts, e.g. ``AutoDelta``, are trained by ``optim``).
         lr: engine step size ``β`` (``None``: the estimator's default from
             :func:`structvi.fit.default_config`, a Newton step ``1`` for ``"hessian"`` and a
             two-stage schedule for ``"stein"``/``"reparam"``).
@@ -225,12 +122,16 @@ class NaturalGradientSVI:
             2 for ``"hessian"``; even for the antithetic estimators).
         estimator: ``"stein"`` (gradients only), ``"hessian"`` (Hessian-vector products) or
             ``"reparam"`` (:mod:`structvi.estimators`).
-        optim: a Pyro optimizer for the model's ordinary ``pyro.param``\\ s (``None``: they stay
-            fixed, with a warning if the model has any).
+        optim: a Pyro optimizer for the model's ordinary ``pyro.param``\\ s and the other parts of
+            a guide list (``None``: model params stay fixed, with a warning if there are any).
         config: an :class:`~structvi.engine.NGDConfig` or a schedule ``step -> NGDConfig``
             replacing ``lr``/``momentum``/``**config_options`` (e.g. to anneal ``lr``).
-        vectorize_particles: evaluate the samples of a step in one model run inside a particle
-            plate (the model must broadcast like for ``Trace_ELBO(vectorize_particles=True)``).
+        vectorize_particles: how to evaluate the samples of a step (:mod:`structvi.pyro.log_joint`):
+            ``None`` (default) detects it at set-up — one model run in a particle plate if the
+            model broadcasts, else :func:`torch.func.vmap` over the samples (``PyroModule``
+            networks), else one run per sample with a warning; ``True``/``"plate"``,
+            ``"vmap"`` or ``False``/``"loop"`` force a mode.
+        max_plate_nesting: plate dims of the model (``None``: found at set-up).
         generator: source of the estimators' randomness (``None``: seeded from torch's global
             RNG, so ``pyro.set_rng_seed`` makes runs reproducible).
         process_group: data-parallel VI (:mod:`structvi.distributed`): each rank's model sees its
@@ -239,9 +140,15 @@ class NaturalGradientSVI:
         **config_options: further :class:`~structvi.engine.NGDConfig` fields (``lr_mean``,
             ``trust_region``, ``retraction``, ``temperature``, ...).
 
+    Set-up (the first step) registers the guide's parameters in Pyro's param store (so
+    ``pyro.get_param_store().save()`` holds the trained guide), warns when ``num_samples`` is far
+    below what a dense or low-rank block needs, and warns once about latent sites the guide
+    does not cover (e.g. added to the model after set-up: drawn from the prior, not fitted).
+
     Raises:
-        TypeError: ``guide`` is not an :class:`AutoStructuredNormal` or ``optim`` not a
-            ``PyroOptim``.
+        TypeError: ``guide`` is not an :class:`AutoStructuredNormal` (or a list with one),
+            ``optim`` not a ``PyroOptim``, or an unknown argument (Pyro's names, such as
+            ``num_particles``, are answered with ours).
         ValueError: bad ``estimator``, ``num_samples`` or engine options.
     """
 
@@ -256,16 +163,23 @@ class NaturalGradientSVI:
         optim: PyroOptim | None = None,
         *,
         config: NGDConfig | Callable[[int], NGDConfig] | None = None,
-        vectorize_particles: bool = False,
+        vectorize_particles: bool | str | None = None,
+        max_plate_nesting: int | None = None,
         generator: torch.Generator | None = None,
         process_group: Any = None,
         **config_options: Any,
     ) -> None:
-        if not isinstance(guide, AutoStructuredNormal):
-            raise TypeError(
-                f"guide must be an AutoStructuredNormal, got guide={type(guide).__name__}")
+        check_config_options(config_options)
+        self._q_guide, self._parts = split_guide(guide)
         if optim is not None and not isinstance(optim, PyroOptim):
             raise TypeError(f"optim must be a pyro.optim.PyroOptim or None, got optim={optim!r}")
+        if self._parts and optim is None:
+            raise ValueError(f"the AutoGuideList parts {[type(p).__name__ for p in self._parts]} "
+                             f"are trained by a Pyro optimizer: pass e.g. "
+                             f"optim=pyro.optim.Adam({{'lr': 0.01}})")
+        if vectorize_particles not in (None, True, False, "plate", "vmap", "loop"):
+            raise ValueError(f"vectorize_particles must be None (detect), True/'plate', 'vmap' "
+                             f"or False/'loop', got vectorize_particles={vectorize_particles!r}")
         self.estimator = check_estimator(estimator)
         if config is not None and (lr is not None or momentum or config_options):
             raise ValueError("pass either config=... or lr/momentum/**config_options, not both")
@@ -273,7 +187,10 @@ class NaturalGradientSVI:
             estimator, lr, momentum, config_options)
         self.num_samples = _check_num_samples(estimator, num_samples)
         self.model, self.guide, self.optim = model, guide, optim
-        self.vectorize_particles = bool(vectorize_particles)
+        self.vectorize_particles = vectorize_particles
+        self._max_plate_nesting = max_plate_nesting
+        self._mode = "loop"
+        self._warned_sites: set[str] = set()
         if generator is None:
             generator = torch.Generator()
             generator.manual_seed(int(torch.randint(0, 2**62, ())))
@@ -294,13 +211,23 @@ class NaturalGradientSVI:
     def _ensure_setup(self, args: tuple, kwargs: dict[str, Any]) -> Fitter:
         if self._fitter is not None:
             return self._fitter
-        self.guide.setup(*args, **kwargs)
-        self._nesting, self._params = _inspect_model(self.model, self.guide, args, kwargs)
+        guide = self._q_guide
+        if self._parts:  # set up (and register in the param store) every part of the list
+            with poutine.block():
+                self.guide(*args, **kwargs)
+        else:
+            guide.setup(*args, **kwargs)
+        fixed = {k: v.detach() for k, v in _run_parts(self._parts, args, kwargs)[0].items()}
+        self._nesting, self._params = _inspect_model(self.model, guide, args, kwargs, fixed)
+        if self._max_plate_nesting is not None:
+            self._nesting = max(self._nesting, int(self._max_plate_nesting))
         if self._params and self.optim is None:
             warnings.warn(f"the model has pyro.param sites {sorted(self._params)} but optim=None:"
                           " they are not trained", UserWarning, stacklevel=3)
+        warn_sample_count(guide.factor_spec(), self.num_samples, self.estimator)
         with torch.no_grad():
-            q = self.guide.get_posterior()
+            q = guide.get_posterior()
+        self._mode = self._choose_mode(q, args, kwargs, fixed)
         self._fitter = Fitter(
             _log_joint_set_per_step, q, self.config, estimator=self.estimator,
             num_samples=self.num_samples, generator=self.generator,
@@ -314,15 +241,44 @@ class NaturalGradientSVI:
             self._pending = None
         return self._fitter
 
+    def _choose_mode(self, q: Any, args: tuple, kwargs: dict[str, Any], fixed: dict) -> str:
+        """The evaluation mode: the one asked for, or detected (``vectorize_particles=None``)."""
+        asked = self.vectorize_particles
+        if asked is not None:
+            return {True: "plate", False: "loop"}.get(asked, asked)
+        with torch.no_grad():
+            U = q.sample((3,), generator=torch.Generator(q.loc.device).manual_seed(0))
+        mode, _ = choose_vectorization(self.model, self._q_guide, args, kwargs, U,
+                                       max_plate_nesting=self._nesting, fixed=fixed)
+        return mode
+
+    @property
+    def vectorization(self) -> str:
+        """How the samples of a step are evaluated: ``"plate"``, ``"vmap"`` or ``"loop"``."""
+        self.fitter  # noqa: B018 -- raises before set-up
+        return self._mode
+
+    def _warn_unknown(self, names: list[str]) -> None:
+        new = sorted(set(names) - self._warned_sites)
+        if new:
+            self._warned_sites.update(new)
+            warnings.warn(f"Found latent site(s) {new} in the model but not in the guide (added "
+                          f"after the guide was set up?): they are drawn from the prior at every "
+                          f"step and not fitted; create and set up a new guide",
+                          UserWarning, stacklevel=4)
+
     def _temperature(self) -> float:
         cfg = self.config if isinstance(self.config, NGDConfig) else self.config(0)
         return cfg.temperature
 
-    def _log_joint(self, args: tuple, kwargs: dict[str, Any]) -> Callable[[Tensor], Tensor]:
+    def _log_joint(self, args: tuple, kwargs: dict[str, Any], fixed: dict | None = None,
+                   subsample: Any = None) -> Callable[[Tensor], Tensor]:
         """A fresh log-joint: one new minibatch per step, shared by all of its evaluations."""
-        return latent_log_joint(self.model, self.guide, args, kwargs,
-                                vectorize=self.vectorize_particles,
-                                max_plate_nesting=self._nesting)
+        if fixed is None:
+            fixed = {k: v.detach() for k, v in _run_parts(self._parts, args, kwargs)[0].items()}
+        return latent_log_joint(self.model, self._q_guide, args, kwargs, subsample=subsample,
+                                vectorize=self._mode, max_plate_nesting=self._nesting,
+                                fixed=fixed, on_unknown_sites=self._warn_unknown)
 
     # ------------------------------------------------------------------ steps
     def step(self, *args: Any, **kwargs: Any) -> float:
@@ -338,28 +294,60 @@ class NaturalGradientSVI:
             because a value was not finite).
         """
         fitter = self._ensure_setup(args, kwargs)
-        factor = self.guide.factor
+        guide = self._q_guide
+        factor = guide.factor
         factor = type(factor)(factor.dim, {k: t.detach().clone() for k, t in
                                            factor.tensors().items()}, **factor.options)
-        fitter.state = fitter.state._replace(loc=self.guide.loc.detach().clone(), factor=factor)
+        fitter.state = fitter.state._replace(loc=guide.loc.detach().clone(), factor=factor)
         log_joint = self._log_joint(args, kwargs)
         fitter.log_joint = log_joint
-        record = fitter.step()
-        self.guide.set_state(fitter.state.loc, fitter.state.factor)
-        if self._params and self.optim is not None:
-            self._step_params(log_joint)
+        with pyro.validation_enabled(False):  # an overflowing sample is a skipped step,
+            record = fitter.step()             # not a constraint error (set-up validated)
+        guide.set_state(fitter.state.loc, fitter.state.factor)
+        if (self._params or self._parts) and self.optim is not None:
+            self._step_params(args, kwargs, log_joint.subsample())
         return -record.elbo
 
-    def _step_params(self, log_joint: Callable[[Tensor], Tensor]) -> None:
-        """One ``optim`` step on the model's params along ``∇_θ −mean_s log p(x, T(u_s); θ)``."""
+    def _step_params(self, args: tuple, kwargs: dict[str, Any], subsample: Any) -> None:
+        """One ``optim`` step on the model's params and the other guide parts' params along
+        ``∇ [−mean_s log p(x, a, T(u_s); θ) + log q_parts(a)]`` (same minibatch as the step)."""
         with torch.no_grad():
             U = self.fitter.q.sample((self.num_samples,), generator=self.generator)
         with poutine.trace(param_only=True) as capture:
-            loss = -log_joint(U).mean()
+            fixed, log_q_parts = _run_parts(self._parts, args, kwargs)
+            log_joint = self._log_joint(args, kwargs, fixed, subsample)
+            loss = -log_joint(U).mean() + log_q_parts
         params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
         loss.backward()
         self.optim(params)
         zero_grads(params)
+        self._q_guide.zero_grad(set_to_none=True)
+
+    def run(self, num_steps: int, *args: Any, progress: bool = False,
+            **kwargs: Any) -> list[float]:
+        """``num_steps`` calls of :meth:`step` with the model's ``*args, **kwargs``.
+
+        Args:
+            num_steps: number of steps (an integer ``>= 1``).
+            *args: model arguments.
+            progress: show a ``tqdm`` progress bar with the current loss.
+            **kwargs: model keyword arguments.
+
+        Returns:
+            The losses (negative ELBO estimates) of the steps.
+
+        Raises:
+            ValueError: a bad ``num_steps``.
+        """
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_steps must be an integer >= 1, got num_steps={num_steps!r}")
+        losses = []
+        with tqdm(total=num_steps, disable=not progress, desc="NaturalGradientSVI") as bar:
+            for _ in range(num_steps):
+                losses.append(self.step(*args, **kwargs))
+                bar.set_postfix(loss=f"{losses[-1]:.6g}", refresh=False)
+                bar.update()
+        return losses
 
     @torch.no_grad()
     def evaluate_loss(self, *args: Any, **kwargs: Any) -> float:
@@ -367,7 +355,7 @@ class NaturalGradientSVI:
         from ``num_samples`` fresh samples, without a step (Pyro's ``Trace_ELBO`` form: zero
         variance when ``q`` is the exact posterior; ``log q`` from the drawn ``ε``, no solve)."""
         fitter = self._ensure_setup(args, kwargs)
-        q = self.guide.get_posterior()
+        q = self._q_guide.get_posterior()
         eps = torch.randn(self.num_samples, q.dim, generator=self.generator, dtype=q.loc.dtype)
         U = q.loc + q.factor.matmul(eps.T.to(q.factor.dtype)).T.to(q.loc.dtype)
         log_q = (-0.5 * eps.double().square().sum(1) - q.factor.logabsdet().double()
@@ -393,6 +381,6 @@ class NaturalGradientSVI:
     def _load(self, state_dict: dict[str, Any]) -> None:
         self.fitter.load_state_dict(state_dict["fitter"])
         state = self.fitter.state
-        self.guide.set_state(state.loc, state.factor)
+        self._q_guide.set_state(state.loc, state.factor)
         if self.optim is not None and state_dict.get("optim") is not None:
             self.optim.set_state(state_dict["optim"])

@@ -241,10 +241,9 @@ def test_constructor_errors(kwargs, match):
     [
         ({"nope": "dense"}, r"not latent sites of the model; the latent sites are"),
         ({"loc": 5}, r"structure\['loc'\] must be a structure name"),
-        ({"scale": "kronecker"}, "needs a matrix-shaped site"),
         ({"loc": "no_such_structure"}, "unknown structure"),
     ],
-    ids=["unknown-site", "bad-spec", "kronecker-on-scalar", "unknown-structure"],
+    ids=["unknown-site", "bad-spec", "unknown-structure"],
 )
 def test_setup_errors_name_the_site(structure, match):
     pyro.clear_param_store()

@@ -151,10 +151,13 @@ def test_one_function_one_minibatch():
     guide = AutoStructuredNormal(linear_model)
     guide.setup(X_LIN, Y_LIN, 10)
     U = torch.randn(4, 4, dtype=F64, generator=torch.Generator().manual_seed(5))
-    for vectorize in (False, True):
+    for vectorize in (False, True, "vmap"):
         f = latent_log_joint(linear_model, guide, (X_LIN, Y_LIN, 10), vectorize=vectorize,
                              max_plate_nesting=1)
         first = f(U)
+        loop_same_batch = latent_log_joint(linear_model, guide, (X_LIN, Y_LIN, 10),
+                                           subsample=f.subsample())
+        assert_close(loop_same_batch(U), first, 1e-12, "rows share one minibatch")
         assert_close(f(U), first, 0.0, "same function, same minibatch")
         assert_close(f(U[:1]), first[:1], 1e-12, "subset of the points")
         g = latent_log_joint(linear_model, guide, (X_LIN, Y_LIN, 10), vectorize=vectorize,
@@ -220,6 +223,7 @@ def test_state_dict_roundtrip_continues_in_lockstep(model, args, structure):
     torch.save(svi.state_dict(), buf)
     buf.seek(0)
     state = torch.load(buf, weights_only=True)
+    pyro.clear_param_store()  # a guide of the same name would share the stored parameters
     fresh_guide = AutoStructuredNormal(model, structure=structure)
     fresh = NaturalGradientSVI(model, fresh_guide, estimator="stein", num_samples=8, lr=0.3)
     fresh.load_state_dict(state)  # before the first step: applied at set-up
@@ -320,8 +324,10 @@ def _load_example(name: str):
     return module
 
 
-def test_bnn_example_runs_both_methods(capsys):
-    results = _load_example("pyro_bnn").main(steps=20, eval_samples=10)
+def test_bnn_example_runs_both_methods(capsys, tmp_path):
+    plot = tmp_path / "calibration.png"
+    results = _load_example("pyro_bnn").main(steps=20, eval_samples=10, plot=str(plot))
+    assert plot.stat().st_size > 1000
     assert set(results) == {"structvi", "pyro"}
     for r in results.values():
         assert r["accuracy"] > 0.5 and 0 <= r["ece"] <= 1
