@@ -74,6 +74,7 @@ def run_pyro(args, X, y, rows, N) -> None:
             pyro.sample("y", pdist.Bernoulli(logits=X[i] @ w), obs=y[i])
 
     pyro.set_rng_seed(args.seed)
+    pyro.clear_param_store()  # a guide of the same name would reuse stored parameters
     guide = AutoStructuredNormal(model, structure=args.structure,
                                  **OPTIONS.get(args.structure, {}))
     group = DataParallelVI(weight=len(rows) / N) if dist.is_initialized() else False
