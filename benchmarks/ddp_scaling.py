@@ -211,6 +211,8 @@ def _markdown(sections: dict[str, list[dict[str, Any]]]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer timed steps")
+    parser.add_argument("--out", default=None,
+                        help="directory (default benchmarks/results, quick: .../quick)")
     args = parser.parse_args(argv)
     steps, rounds = (5, 2) if args.quick else (8, 8)
     backends = ["gloo"]
@@ -232,7 +234,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               vi_dim=D_VI, T=1, cpus=os.cpu_count(), gpus=gpus,
                               torch=torch.__version__, platform=platform.platform(), note=note),
                   results=sections, raw_seconds=raw)
-    folder = Path("benchmarks/results") / ("quick" if args.quick else "")
+    folder = Path(args.out) if args.out else Path("benchmarks/results") / ("quick" if args.quick
+                                                                          else "")
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "ddp_scaling.json").write_text(json.dumps(result, indent=1))
     md = _markdown(sections) + (f"\n{note}\n" if note else "")

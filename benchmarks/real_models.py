@@ -340,9 +340,11 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output directory (default benchmarks/results[/quick])")
     parser.add_argument("--make-reference", action="store_true",
                         help="regenerate the cached NUTS reference and exit")
     parser.add_argument("--nuts-draws", type=int, default=1000)
@@ -355,13 +357,14 @@ def main() -> None:
                         help="default 4000 (quick 1000)")
     parser.add_argument("--lrs", type=float, nargs="*", default=None,
                         help="Adam learning rates (default 0.003 0.01 0.03; quick 0.01)")
-    a = parser.parse_args()
+    a = parser.parse_args(argv)
     torch.set_num_threads(1)
     if a.make_reference:
         make_reference(a.nuts_draws, a.nuts_warmup, a.models)
         return
+    default_out = ROOT / "benchmarks" / "results" / ("quick" if a.quick else "")
     if a.replot:
-        out = ROOT / "benchmarks" / "results" / ("quick" if a.quick else "")
+        out = a.out or default_out
         saved = json.loads((out / "real_models.json").read_text())
         (out / "real_models.md").write_text(markdown(saved["rows"], saved["meta"]))
         plot(saved["rows"], out / "real_models.png")
@@ -370,7 +373,7 @@ def main() -> None:
     ours_steps = a.ours_steps or (300 if a.quick else 1000)
     their_steps = a.their_steps or (1000 if a.quick else 4000)
     lrs = a.lrs or ([0.01] if a.quick else [0.003, 0.01, 0.03])
-    out = ROOT / "benchmarks" / "results" / ("quick" if a.quick else "")
+    out = a.out or default_out
     out.mkdir(parents=True, exist_ok=True)
     rows = []
 

@@ -24,6 +24,11 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "vi_scaling": ("benchmarks.vi_scaling", "dir"),
     "optim_digits": ("benchmarks.optim_digits", "file"),
     "pyro_path": ("benchmarks.pyro_path", "dir"),
+    "optim_faults": ("benchmarks.optim_faults", "file"),
+    "optim_defaults": ("benchmarks.optim_defaults", "dir"),
+    "bayesian_digits": ("benchmarks.bayesian_digits", "file"),
+    "ddp_scaling": ("benchmarks.ddp_scaling", "dir"),
+    "real_models": ("benchmarks.real_models", "dir"),
 }
 ALIASES = {"vi": "vi_vs_pyro", "optim": "optim_digits", "pyro": "pyro_path"}
 
