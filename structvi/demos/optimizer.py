@@ -18,7 +18,7 @@ from torch import nn
 from structvi.data import load_digits, split
 from structvi.demos._common import Clock, markdown_table, progress, pyplot, save
 
-NGD_SETTINGS = dict(structures="dense")  # the defaults (docs/optimizer_tuning.md)
+NGD_SETTINGS = dict(structures="dense", lr=3e-3)  # the defaults (docs/optimizer_tuning.md)
 ADAMW_LR = 1e-3  # AdamW's default
 
 
