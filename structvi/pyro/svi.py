@@ -299,7 +299,7 @@ class NaturalGradientSVI:
         self._fitter = Fitter(
             _log_joint_set_per_step, q, self.config, estimator=self.estimator,
             num_samples=self.num_samples, generator=self.generator,
-            temperature=self._temperature(), max_consecutive_skips=2**31,
+            temperature=self._temperature(),
         )
         if self._pending is not None:
             self._load(self._pending)

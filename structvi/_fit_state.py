@@ -1,0 +1,108 @@
+"""Validation of :meth:`structvi.fit.Fitter.load_state_dict` input: all checks, no changes."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from structvi._fit_history import History
+from structvi.engine import NGDState
+
+if TYPE_CHECKING:
+    from structvi.fit import Fitter
+
+_REQUIRED = ("engine", "generator", "history", "iteration", "elapsed", "estimator",
+             "num_samples", "temperature")
+
+
+def check_state_dict(fitter: Fitter, sd: Any) -> dict[str, Any]:
+    """Parse and validate ``sd`` against ``fitter``; returns the parsed parts.
+
+    Raises:
+        ValueError: naming the first missing, malformed or mismatching entry.
+    """
+    if not isinstance(sd, dict):
+        raise ValueError(f"state_dict must be a dict from Fitter.state_dict(), got "
+                         f"{type(sd).__name__}")
+    missing = [k for k in _REQUIRED if k not in sd]
+    if missing:
+        raise ValueError(f"state_dict is missing {missing} (expected Fitter.state_dict() output)")
+    for key in ("estimator", "num_samples", "temperature"):
+        if sd[key] != getattr(fitter, key):
+            raise ValueError(f"state_dict has {key}={sd[key]!r} but this Fitter has "
+                             f"{key}={getattr(fitter, key)!r}")
+    try:
+        state = NGDState.from_state_dict(sd["engine"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"state_dict['engine'] is not a valid engine state: {err}") from err
+    _check_engine(fitter, state)
+    gen = _check_generator(fitter, sd["generator"])
+    record = _check_record(sd)
+    iteration = _int(sd, "iteration")
+    elapsed = sd["elapsed"]
+    if isinstance(elapsed, bool) or not isinstance(elapsed, (int, float)) or elapsed < 0:
+        raise ValueError(f"state_dict elapsed must be a number >= 0, got {elapsed!r}")
+    scale = sd.get("step_scale", 1.0)
+    if not isinstance(scale, (int, float)) or not 0 < scale <= 1:
+        raise ValueError(f"state_dict step_scale must be in (0, 1], got {scale!r}")
+    logdet = sd.get("log_abs_det")
+    if logdet is not None and not (isinstance(logdet, (int, float)) and math.isfinite(logdet)):
+        raise ValueError(f"state_dict log_abs_det must be a finite number, got {logdet!r}")
+    return {"state": state, "generator": gen, "record": record, "iteration": iteration,
+            "elapsed": float(elapsed), "step_scale": float(scale),
+            "log_abs_det": None if logdet is None else float(logdet)}
+
+
+def _check_engine(fitter: Fitter, state: NGDState) -> None:
+    mine = fitter.state
+    if state.factor.spec() != mine.factor.spec():
+        raise ValueError(f"state_dict factor spec {state.factor.spec()} differs from this "
+                         f"Fitter's {mine.factor.spec()}")
+    if state.factor_momentum.spec() != mine.factor_momentum.spec():
+        raise ValueError(f"state_dict factor_momentum spec {state.factor_momentum.spec()} "
+                         f"differs from this Fitter's {mine.factor_momentum.spec()}")
+    pairs = [("loc", state.loc, mine.loc), ("loc_momentum", state.loc_momentum, mine.loc_momentum),
+             ("factor", state.factor, mine.factor),
+             ("factor_momentum", state.factor_momentum, mine.factor_momentum)]
+    for name, new, old in pairs:
+        if new.dtype != old.dtype:
+            raise ValueError(
+                f"state_dict engine {name} has dtype {new.dtype} but this Fitter keeps "
+                f"{old.dtype}; build the Fitter from a q with the saved dtypes (no silent switch)"
+            )
+    if tuple(state.loc.shape) != tuple(mine.loc.shape):
+        raise ValueError(f"state_dict engine loc has shape {tuple(state.loc.shape)}, expected "
+                         f"{tuple(mine.loc.shape)}")
+
+
+def _check_generator(fitter: Fitter, gen_state: Any) -> torch.Tensor:
+    ok = isinstance(gen_state, torch.Tensor) and gen_state.dtype == torch.uint8
+    if ok:
+        probe = torch.Generator(device=fitter.generator.device)
+        try:
+            probe.set_state(gen_state)
+        except RuntimeError:
+            ok = False
+    if not ok:
+        raise ValueError("state_dict['generator'] is not a torch.Generator state "
+                         "(Generator.get_state() output)")
+    return gen_state
+
+
+def _check_record(sd: dict[str, Any]) -> History:
+    rec = sd.get("record")
+    if rec is None:  # a state_dict from before the step rule: history lists and skip counters
+        rec = {"lists": sd["history"], "num_failed": sd.get("num_skipped", 0),
+               "consecutive_failures": sd.get("consecutive_skips", 0)}
+    if not isinstance(rec, dict):
+        raise ValueError(f"state_dict['record'] must be a dict, got {type(rec).__name__}")
+    return History.from_state_dict(rec)
+
+
+def _int(sd: dict[str, Any], key: str) -> int:
+    v = sd[key]
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError(f"state_dict {key} must be an integer >= 0, got {v!r}")
+    return v
