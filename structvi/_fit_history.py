@@ -23,7 +23,9 @@ class History:
         num_backtracked: accepted steps that needed at least one halving.
         consecutive_failures: failed steps since the last accepted one.
         best_elbo: the best window mean of the ELBO seen so far (``-inf`` before a full window).
-        best_state: the engine state at the end of that window.
+        best_value: the best single recorded ELBO estimate.
+        best_state: the engine state whose ELBO estimate was ``best_value`` (what a diverged
+            fit returns).
     """
 
     def __init__(self) -> None:
@@ -33,18 +35,20 @@ class History:
         self.num_backtracked = 0
         self.consecutive_failures = 0
         self.best_elbo = -math.inf
+        self.best_value = -math.inf
         self.best_state: NGDState | None = None
 
     def record(self, iteration: int, elbo: float, elapsed: float, dropped: int, scale: float,
                state: NGDState, window: int) -> None:
-        """Append one accepted, monitored step and update the best window."""
+        """Append one accepted, monitored step (``state``: the ``q`` whose ELBO was estimated)
+        and update the best window and the best state."""
         for key, v in zip(HISTORY_KEYS, (iteration, elbo, elapsed, dropped, scale)):
             self.lists[key].append(float(v))
+        if elbo > self.best_value:
+            self.best_value, self.best_state = elbo, state
         e = self.lists["elbo"]
         if len(e) >= window:
-            mean = sum(e[-window:]) / window
-            if mean > self.best_elbo:
-                self.best_elbo, self.best_state = mean, state
+            self.best_elbo = max(self.best_elbo, sum(e[-window:]) / window)
 
     def diverged(self, window: int, margin: float) -> bool:
         """Whether the last window's mean ELBO fell more than ``margin`` nats (or 10 %) below the

@@ -317,6 +317,7 @@ class Fitter:
         """
         t0 = time.perf_counter()
         self.iteration += 1
+        before = self.state
         old = self._work_state()
         est = estimate(self.log_joint, old.loc, old.factor, estimator=self.estimator,
                        num_samples=self.num_samples, generator=self.generator,
@@ -342,7 +343,7 @@ class Fitter:
         self.elapsed += seconds
         if monitor:
             self.record.record(self.iteration, value, self.elapsed, est.num_dropped, prop.scale,
-                               self.state, self._window)
+                               before, self._window)
         return StepRecord(self.iteration, value, False, seconds, est.num_dropped, prop.tries,
                           prop.scale)
 

@@ -83,7 +83,7 @@ def latent_gp_poisson(n: int = 11, seed: int = 0) -> tuple[LogJoint, int]:
     """
     gen = _gen(seed)
     x = torch.linspace(0.0, 1.0, n, dtype=F64)
-    f_true = 1.5 * torch.sin(6 * x) + 1.0
+    f_true = 2.5 * torch.sin(6 * x) + 2.0
     y = torch.poisson(torch.exp(f_true), generator=gen)
     const = torch.lgamma(y + 1).sum()
     sq = (x[:, None] - x[None, :]).square()
