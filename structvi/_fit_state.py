@@ -1,4 +1,4 @@
-"""Validation of :meth:`structvi.fit.Fitter.load_state_dict` input: all checks, no changes."""
+"""Argument and state validation of :class:`structvi.fit.Fitter` (all checks, no changes)."""
 
 from __future__ import annotations
 
@@ -106,3 +106,43 @@ def _int(sd: dict[str, Any], key: str) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < 0:
         raise ValueError(f"state_dict {key} must be an integer >= 0, got {v!r}")
     return v
+
+
+def failure_text(reason: str, est: Any) -> str:
+    if reason == "rejected":
+        return ("every backtracked proposal lowered the ELBO estimate beyond the step rule's "
+                "allowance")
+    if est.stats is None:
+        return (f"log_joint or its gradient was non-finite at every sample (first value: "
+                f"{est.bad_value})")
+    return "the proposed state was non-finite at every step scale"
+
+
+def widest(*dtypes: torch.dtype) -> torch.dtype:
+    out = torch.float32
+    for dt in dtypes:
+        out = torch.promote_types(out, dt)
+    return out
+
+
+def check_fitter_args(log_joint: Any, q: Any, temperature: Any, step_rule: Any) -> None:
+    """Type and value checks of :class:`~structvi.fit.Fitter`'s main arguments."""
+    from structvi._fit_rules import StepRule
+    from structvi.gaussian import StructuredGaussian
+
+    if not callable(log_joint):
+        raise TypeError(
+            f"log_joint must be a callable (n, d) -> (n,), got log_joint={log_joint!r}"
+        )
+    if not isinstance(q, StructuredGaussian):
+        raise TypeError(f"q must be a StructuredGaussian, got q={type(q).__name__}")
+    if q.batch_shape != torch.Size():
+        raise ValueError(f"q must be unbatched (loc of shape (d,)), got batch_shape="
+                         f"{tuple(q.batch_shape)}")
+    ok = isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
+    if not (ok and math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(
+            f"temperature must be a finite number >= 0, got temperature={temperature!r}"
+        )
+    if step_rule is not None and not isinstance(step_rule, StepRule):
+        raise TypeError(f"step_rule must be a StepRule or None, got step_rule={step_rule!r}")

@@ -56,7 +56,8 @@ from torch import Tensor
 from structvi import engine
 from structvi._fit_history import History
 from structvi._fit_rules import StepRule, propose
-from structvi._fit_state import check_state_dict
+from structvi._fit_state import check_fitter_args as _check_fitter_args
+from structvi._fit_state import check_state_dict, failure_text as _failure_text, widest as _work_dtype
 from structvi.engine import NGDConfig, NGDState
 from structvi.estimators import (
     DEFAULT_NUM_SAMPLES, Estimate, LogJoint, check_estimator, elbo, estimate,
@@ -472,42 +473,6 @@ class Fitter:
         self._logdet_factor = None if parsed["log_abs_det"] is None else self.state.factor
         self._logdet = 0.0 if parsed["log_abs_det"] is None else parsed["log_abs_det"]
         self._sync_logdet()
-
-
-def _failure_text(reason: str, est: Estimate) -> str:
-    if reason == "rejected":
-        return ("every backtracked proposal lowered the ELBO estimate beyond the step rule's "
-                "allowance")
-    if est.stats is None:
-        return (f"log_joint or its gradient was non-finite at every sample (first value: "
-                f"{est.bad_value})")
-    return "the proposed state was non-finite at every step scale"
-
-
-def _work_dtype(*dtypes: torch.dtype) -> torch.dtype:
-    out = torch.float32
-    for dt in dtypes:
-        out = torch.promote_types(out, dt)
-    return out
-
-
-def _check_fitter_args(log_joint: Any, q: Any, temperature: Any, step_rule: Any) -> None:
-    if not callable(log_joint):
-        raise TypeError(
-            f"log_joint must be a callable (n, d) -> (n,), got log_joint={log_joint!r}"
-        )
-    if not isinstance(q, StructuredGaussian):
-        raise TypeError(f"q must be a StructuredGaussian, got q={type(q).__name__}")
-    if q.batch_shape != torch.Size():
-        raise ValueError(f"q must be unbatched (loc of shape (d,)), got batch_shape="
-                         f"{tuple(q.batch_shape)}")
-    ok = isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
-    if not (ok and math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(
-            f"temperature must be a finite number >= 0, got temperature={temperature!r}"
-        )
-    if step_rule is not None and not isinstance(step_rule, StepRule):
-        raise TypeError(f"step_rule must be a StepRule or None, got step_rule={step_rule!r}")
 
 
 def fit(
