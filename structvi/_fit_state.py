@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from structvi._fit_history import History
-from structvi.engine import NGDState
+from structvi.engine import NGDConfig, NGDState
 
 if TYPE_CHECKING:
     from structvi.fit import Fitter
@@ -146,3 +146,54 @@ def check_fitter_args(log_joint: Any, q: Any, temperature: Any, step_rule: Any) 
         )
     if step_rule is not None and not isinstance(step_rule, StepRule):
         raise TypeError(f"step_rule must be a StepRule or None, got step_rule={step_rule!r}")
+
+
+def check_config(config: Any) -> Any:
+    if config is None or isinstance(config, NGDConfig) or callable(config):
+        return config
+    raise TypeError(
+        f"config must be an NGDConfig, a callable step -> NGDConfig, or None, got "
+        f"config={config!r}"
+    )
+
+
+def make_generator(generator: torch.Generator | None, device: torch.device) -> torch.Generator:
+    if generator is None:
+        gen = torch.Generator(device=device)
+        gen.seed()  # non-deterministic; pass a seeded generator for reproducible runs
+        return gen
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got generator={generator!r}")
+    return generator
+
+
+def fitter_state_dict(fitter: Fitter) -> dict[str, Any]:
+    """:meth:`structvi.fit.Fitter.state_dict`."""
+    return {
+        "engine": fitter.state.state_dict(),
+        "generator": fitter.generator.get_state(),
+        "history": fitter.record.copy_lists(),
+        "record": fitter.record.state_dict(),
+        "iteration": fitter.iteration,
+        "num_skipped": fitter.num_skipped,
+        "consecutive_skips": fitter.consecutive_skips,
+        "elapsed": fitter.elapsed,
+        "step_scale": fitter.step_scale,
+        "log_abs_det": fitter.log_abs_det,
+        "estimator": fitter.estimator,
+        "num_samples": fitter.num_samples,
+        "temperature": fitter.temperature,
+    }
+
+
+def apply_state_dict(fitter: Fitter, parsed: dict[str, Any]) -> None:
+    """Install the output of :func:`check_state_dict` (after every check passed)."""
+    fitter.generator.set_state(parsed["generator"])
+    fitter.state = parsed["state"]
+    fitter.record = parsed["record"]
+    fitter.iteration = parsed["iteration"]
+    fitter.elapsed = parsed["elapsed"]
+    fitter.step_scale = parsed["step_scale"]
+    fitter._logdet_factor = None if parsed["log_abs_det"] is None else fitter.state.factor
+    fitter._logdet = 0.0 if parsed["log_abs_det"] is None else parsed["log_abs_det"]
+    fitter._sync_logdet()

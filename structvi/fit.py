@@ -10,31 +10,21 @@ the ELBO for ``τ = 1``, with ``log_joint(Z)`` returning ``log p(z_s, D)`` for e
 (shape ``(n, d) → (n,)``).
 
 **Minibatches.** To fit on a minibatch ``B`` of ``N`` data points, make ``log_joint`` return the
-unbiased full-data estimate ``(N/|B|) Σ_{i∈B} log p(y_i | z) + log p(z)``. The estimators stay
-unbiased (they are linear in ``log_joint``). The acceptance rule compares two calls of
-``log_joint`` within one step; if ``log_joint`` draws a new minibatch per call, pass
-``step_rule=StepRule(accept=False)`` (or draw the minibatch once per step, as Pyro's
-``NaturalGradientSVI`` does).
+unbiased full-data estimate ``(N/|B|) Σ_{i∈B} log p(y_i | z) + log p(z)``. The step rule compares
+two calls of ``log_joint`` within a step: draw the minibatch once per step, or pass
+``step_rule=StepRule(accept=False)``.
 
-**The step rule** (docs/vi_step_rules.md). A proposed step is accepted when a common-random-
-number estimate of its ELBO change is not clearly negative; otherwise the mean and factor steps
-are halved and retried (``StepRule.max_backtracks`` times). Samples with a non-finite value or
-gradient are dropped with their antithetic partners (``history["dropped"]``). A step with no
-finite sample left, or whose every backtrack is rejected, *fails* and leaves the state unchanged;
-``max_consecutive_skips`` failures in a row stop the fit with ``stopped_reason="non_finite"``
-(the message names the first non-finite value) or ``"rejected"``, and the last accepted ``q``.
-A fit whose monitored ELBO falls far below its best window stops with ``"diverged"`` and returns
-the best ``q``; ``"plateau"`` is only reported for a fit that has not fallen.
-
-**Nothing is lost.** ``Ctrl-C`` stops with ``"interrupted"``; an exception raised by
-``log_joint``, the callback or a config schedule propagates with the result so far attached as
-``err.fit_result`` (a :class:`FitResult` with ``stopped_reason="error"``). ``FitResult.state``
-resumes the run with :meth:`Fitter.load_state_dict`.
-
-**Precision.** Whatever the dtype of ``q``, the fitter keeps the mean and both momenta in the
-work dtype (float32, or float64 when ``q`` has a float64 part) and runs the engine step, the
-line search and the acceptance test there; only the stored factor keeps its dtype (rounded once
-per accepted step). ``log_joint`` is evaluated at points in ``q.loc``'s dtype.
+**Step rule, faults, precision** (exactly: docs/vi_step_rules.md and :mod:`structvi._fit_rules`).
+A step is accepted when a common-random-number estimate of its ELBO change is not clearly
+negative, else backtracked (mean and factor steps halved); non-finite samples are dropped with
+their antithetic partners (``history["dropped"]``); a step with no finite sample or no accepted
+backtrack fails with the state unchanged, and ``max_consecutive_skips`` failures in a row stop the
+fit (``"non_finite"`` naming the value, or ``"rejected"``) with the last accepted ``q``. A fit
+that falls far below its best stops ``"diverged"`` with the best ``q``; ``"plateau"`` is never
+reported for it. An exception from ``log_joint``, the callback or a schedule carries the result
+so far as ``err.fit_result``. Mean, momenta, statistics, line search and acceptance test run in
+float32 or wider; only the stored factor keeps a low-precision dtype. The whole step, ELBO monitor
+included, is matrix products only (``log|det K|`` is tracked through the retractions).
 
 **Step sizes.** The engine caps the factor step by its trust region (MATH §2.6); the fitter caps
 the mean step size by an exact line search on the local quadratic model
@@ -48,7 +38,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -56,8 +46,11 @@ from torch import Tensor
 from structvi import engine
 from structvi._fit_history import History
 from structvi._fit_rules import StepRule, propose
+from structvi._fit_types import STOP_REASONS, FitResult, FitStopped, StepRecord
 from structvi._fit_state import check_fitter_args as _check_fitter_args
-from structvi._fit_state import check_state_dict, failure_text as _failure_text, widest as _work_dtype
+from structvi._fit_state import check_config as _check_config
+from structvi._fit_state import make_generator as _make_generator
+from structvi._fit_state import apply_state_dict, check_state_dict, fitter_state_dict, failure_text as _failure_text, widest as _work_dtype
 from structvi.engine import NGDConfig, NGDState
 from structvi.estimators import (
     DEFAULT_NUM_SAMPLES, Estimate, LogJoint, check_estimator, elbo, estimate,
@@ -75,64 +68,7 @@ __all__ = [
 # re-exported here as part of the ``fit`` API.
 
 ConfigArg = NGDConfig | Callable[[int], NGDConfig] | None
-STOP_REASONS = ("steps", "plateau", "non_finite", "rejected", "diverged", "interrupted",
-                "callback", "error")
 _LOG_2PI_E = 1.0 + math.log(2 * math.pi)
-
-
-class StepRecord(NamedTuple):
-    """What one :meth:`Fitter.step` did.
-
-    Attributes:
-        iteration: 1-based count of attempted steps (failed ones included).
-        elbo: ELBO estimate of ``q`` *before* the update from the step's kept samples
-            (``nan`` if the step failed or was not monitored).
-        skipped: whether the step failed (state unchanged).
-        seconds: wall time of the step.
-        dropped: samples dropped for non-finite values (with their antithetic partners).
-        tries: proposals the step rule evaluated (1: accepted at once).
-        step_scale: the step scale of the last proposal (1: the configured step).
-    """
-
-    iteration: int
-    elbo: float
-    skipped: bool
-    seconds: float
-    dropped: int = 0
-    tries: int = 1
-    step_scale: float = 1.0
-
-
-class FitResult(NamedTuple):
-    """Result of :func:`fit`.
-
-    Attributes:
-        q: the fitted distribution: the last accepted one, or for ``"diverged"`` the best one.
-        history: ``{"iteration", "elbo", "time", "dropped", "step_scale"}`` lists, one entry per
-            recorded step (``time`` is cumulative wall seconds).
-        state: :meth:`Fitter.state_dict` of the final state (resume with ``load_state_dict``).
-        stopped_reason: one of ``"steps"``, ``"plateau"``, ``"non_finite"``, ``"rejected"``,
-            ``"diverged"``, ``"interrupted"``, ``"callback"``, ``"error"``.
-        message: a sentence saying why the fit stopped (empty for ``"steps"``).
-    """
-
-    q: StructuredGaussian
-    history: dict[str, list[float]]
-    state: dict[str, Any]
-    stopped_reason: str
-    message: str = ""
-
-
-class FitStopped(RuntimeError):
-    """Raised by :meth:`Fitter.step` after ``max_consecutive_skips`` failed steps in a row.
-
-    The fitter keeps the last accepted state. Attributes: ``reason`` (``"non_finite"`` or
-    ``"rejected"``) and the message.
-    """
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 def _mean_line_search(state: NGDState, est: Estimate, cfg: NGDConfig) -> NGDConfig:
@@ -160,25 +96,6 @@ def _mean_line_search(state: NGDState, est: Estimate, cfg: NGDConfig) -> NGDConf
     if not curv > 0 or slope >= cfg.beta_mean * curv:  # no curvature information, or no cap
         return cfg
     return cfg.replace(lr_mean=slope / curv)
-
-
-def _check_config(config: Any) -> ConfigArg:
-    if config is None or isinstance(config, NGDConfig) or callable(config):
-        return config
-    raise TypeError(
-        f"config must be an NGDConfig, a callable step -> NGDConfig, or None, got "
-        f"config={config!r}"
-    )
-
-
-def _make_generator(generator: torch.Generator | None, device: torch.device) -> torch.Generator:
-    if generator is None:
-        gen = torch.Generator(device=device)
-        gen.seed()  # non-deterministic; pass a seeded generator for reproducible runs
-        return gen
-    if not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got generator={generator!r}")
-    return generator
 
 
 class Fitter:
@@ -436,21 +353,7 @@ class Fitter:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly: engine state, generator state, history and
         counters (tensors, numbers and strings: loads with ``torch.load(weights_only=True)``)."""
-        return {
-            "engine": self.state.state_dict(),
-            "generator": self.generator.get_state(),
-            "history": self.record.copy_lists(),
-            "record": self.record.state_dict(),
-            "iteration": self.iteration,
-            "num_skipped": self.num_skipped,
-            "consecutive_skips": self.consecutive_skips,
-            "elapsed": self.elapsed,
-            "step_scale": self.step_scale,
-            "log_abs_det": self.log_abs_det,
-            "estimator": self.estimator,
-            "num_samples": self.num_samples,
-            "temperature": self.temperature,
-        }
+        return fitter_state_dict(self)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output (``log_joint`` and ``config`` come from ``__init__``).
@@ -463,16 +366,7 @@ class Fitter:
             ValueError: a missing or malformed entry, or the estimator, sample count,
                 temperature, factor structure or dtypes differ from this fitter's.
         """
-        parsed = check_state_dict(self, state_dict)
-        self.generator.set_state(parsed["generator"])
-        self.state = parsed["state"]
-        self.record = parsed["record"]
-        self.iteration = parsed["iteration"]
-        self.elapsed = parsed["elapsed"]
-        self.step_scale = parsed["step_scale"]
-        self._logdet_factor = None if parsed["log_abs_det"] is None else self.state.factor
-        self._logdet = 0.0 if parsed["log_abs_det"] is None else parsed["log_abs_det"]
-        self._sync_logdet()
+        apply_state_dict(self, check_state_dict(self, state_dict))
 
 
 def fit(
