@@ -23,7 +23,8 @@ Outcome of a run:
   AutoNormal + a structvi ``diagonal`` reference fit) — or, for the low-precision rows, its KL to
   the target is below 0.5 and no worse than after 100 steps.
 * **stopped**: the run stopped with a reason (structvi ``"non_finite"``, ``"rejected"``,
-  ``"diverged"``; an exception raised by Pyro) and its ``q`` is finite.
+  ``"diverged"``; an exception raised by Pyro). ``q_finite`` in the JSON says whether the ``q``
+  left behind is usable (Pyro's parameters are often already NaN when it raises).
 * **silently wrong**: everything else — an ordinary end with a bad or non-finite ``q``. For Pyro
   this includes runs that had simply not converged within the step budget: Adam has no
   convergence or failure signal, so a user cannot tell them apart.
@@ -186,10 +187,11 @@ def classify(runs: list[dict[str, Any]], reference: dict[str, float]) -> None:
     """Add ``outcome`` to every run (module doc)."""
     for r in runs:
         ok = math.isfinite(r["elbo"]) and r["elbo"] >= reference[r["family"]] - TOL
+        r["q_finite"] = math.isfinite(r["elbo"])
         if r["normal_end"]:
             r["outcome"] = "converged" if ok else "silently wrong"
         else:
-            r["outcome"] = "stopped" if math.isfinite(r["elbo"]) else "silently wrong"
+            r["outcome"] = "stopped"
 
 
 def sweep_case(case: Case, seeds: int, log: Callable[[str], None]) -> dict[str, Any]:
@@ -237,13 +239,14 @@ def lowprec_runs(dtype: torch.dtype, steps: int, seeds: int) -> list[dict[str, A
                       callback=callback)
         final = kls.get(steps, math.nan)
         if res.stopped_reason != "steps":
-            outcome = "stopped" if torch.isfinite(res.q.loc).all() else "silently wrong"
+            outcome = "stopped"
         else:
             good = final < 0.5 and final <= kls.get(100, math.inf) + 0.05
             outcome = "converged" if good else "silently wrong"
         out.append({"method": f"structvi dense ({str(dtype).replace('torch.', '')})",
                     "seed": seed, "reason": res.stopped_reason, "kl_100": kls.get(100),
                     "kl_final": final, "outcome": outcome,
+                    "q_finite": bool(torch.isfinite(res.q.loc).all()),
                     "seconds": time.perf_counter() - t0})
     return out
 
@@ -255,8 +258,9 @@ OUTCOMES = ("converged", "stopped", "silently wrong")
 def counts(runs: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
     table: dict[str, dict[str, int]] = {}
     for r in runs:
-        row = table.setdefault(r["method"], dict.fromkeys(OUTCOMES, 0))
+        row = table.setdefault(r["method"], dict.fromkeys((*OUTCOMES, "usable"), 0))
         row[r["outcome"]] += 1
+        row["usable"] += r["outcome"] == "stopped" and r.get("q_finite", True)
     return table
 
 
@@ -265,28 +269,52 @@ def markdown(results: dict[str, Any]) -> str:
     out = [f"# Fault sweep ({'quick' if meta['quick'] else 'full'} run)", "",
            f"{meta['seeds']} seeds per case; Pyro: Trace_ELBO + Adam (lr {PYRO_LR}). "
            f"converged = normal end within {TOL} nats of the family's best ELBO; stopped = a "
-           "stop with a reason and a finite q; silently wrong = a normal end with a bad q (for "
+           "stop with a reason (an error counts; the 'usable q' column counts stops that left a "
+           "finite q); silently wrong = a normal end with a bad q (for "
            "Pyro this includes runs not converged within the step budget: Adam gives no "
            "signal). ELBOs: 2048 common draws in float64, leaving out draws where the "
            "log-joint is not finite.", "",
-           "| case | method | converged | stopped | silently wrong |", "|---|---|---|---|---|"]
+           "| case | method | converged | stopped (usable q) | silently wrong |",
+           "|---|---|---|---|---|"]
     for block in results["cases"] + results["lowprec"]:
         for method, row in counts(block["runs"]).items():
-            out.append(f"| {block['case']} | {method} | " + " | ".join(
-                str(row[o]) for o in OUTCOMES) + " |")
-    out += ["", "| method | converged | stopped | silently wrong |", "|---|---|---|---|"]
+            out.append(f"| {block['case']} | {method} | {row['converged']} | {row['stopped']} "
+                       f"({row['usable']}) | {row['silently wrong']} |")
+    out += ["", "| method | converged | stopped (usable q) | silently wrong |", "|---|---|---|---|"]
     allruns = [r for b in results["cases"] + results["lowprec"] for r in b["runs"]]
     for method, row in counts(allruns).items():
-        out.append(f"| {method} | " + " | ".join(str(row[o]) for o in OUTCOMES) + " |")
+        out.append(f"| {method} | {row['converged']} | {row['stopped']} ({row['usable']}) | "
+                   f"{row['silently wrong']} |")
     out += ["", f"Machine: {meta['machine']}, torch {meta['torch']}, {meta['seconds']:.0f} s."]
     return "\n".join(out) + "\n"
+
+
+def report_only(out: Path) -> dict[str, Any]:
+    """Re-classify the runs in ``out/fault_sweep.json`` and rewrite both files."""
+    results = json.loads((out / "fault_sweep.json").read_text())
+    for block in results["cases"]:
+        classify(block["runs"], block["reference"])
+    for block in results["lowprec"]:
+        for r in block["runs"]:
+            r.setdefault("q_finite", True)
+            if r["reason"] != "steps":
+                r["outcome"] = "stopped"
+    (out / "fault_sweep.json").write_text(json.dumps(results, indent=1, default=float))
+    text = markdown(results)
+    (out / "fault_sweep.md").write_text(text)
+    print(text)
+    return results
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description="structvi fault sweep vs Pyro + Adam")
     parser.add_argument("--quick", action="store_true", help="2 seeds, shorter runs")
     parser.add_argument("--out", default="benchmarks/results", help="output directory")
+    parser.add_argument("--report-only", action="store_true",
+                        help="re-classify the saved JSON and rewrite the Markdown, no runs")
     args = parser.parse_args(argv)
+    if args.report_only:
+        return report_only(Path(args.out) / ("quick" if args.quick else ""))
     torch.set_num_threads(1)
     out = Path(args.out) / ("quick" if args.quick else "")
     out.mkdir(parents=True, exist_ok=True)
