@@ -35,9 +35,14 @@ def run_loop(fitter: Fitter, steps: int, callback: Any, progress: bool,
     except KeyboardInterrupt:
         reason, message = "interrupted", "interrupted (Ctrl-C); q is the last accepted one"
     except Exception as err:
-        err.fit_result = result(fitter, "error", f"{type(err).__name__}: {err}")
-        err.add_note("structvi: the fit so far is attached as err.fit_result (a FitResult with "
-                     "stopped_reason='error'; resume with Fitter.load_state_dict(result.state))")
+        try:
+            err.fit_result = result(fitter, "error", f"{type(err).__name__}: {err}")
+        except AttributeError:  # an exception type without a __dict__: the fitter still has it
+            err.add_note("structvi: the fit so far is in the Fitter (Fitter.state_dict())")
+        else:
+            err.add_note("structvi: the fit so far is attached as err.fit_result (a FitResult "
+                         "with stopped_reason='error'; resume with Fitter.load_state_dict("
+                         "result.state))")
         raise
     finally:
         bar.close()
