@@ -1,11 +1,11 @@
 """Pure low-precision VI (mean, factor and target in bf16/fp16) on a stiff target (issue 9.4).
 
 The fitter keeps the mean, momenta, statistics and the acceptance test in float32 and rounds
-only the stored factor; the old code diverged in bf16 (NaN by step 80 on this kind of target)
-and drifted with a bf16 dense factor. Contract: finite, no skipped step, KL(q‖p) after the
-last step no worse than after step 100 (+0.05), and below 0.5 nats (the distance to the float32
-run is the bf16/fp16 rounding of the target itself: measured 0.15–0.2 nats at cond 1e4, float32:
-1e-8).
+only the stored factor. The old code stopped "non_finite" after 10 skipped steps on the d = 6
+target in bf16 (checked) and diverged on stiff targets with a bf16 mean. Contract: finite, at
+most 2 failed steps, KL(q‖p) after the last step no worse than after step 100 (+0.05), and below
+0.6 nats — the distance to the float32 run (KL 1e-8) is the low-precision rounding of the target
+itself: measured for d = 6, cond 1e4: bf16 0.40 at step 100, 0.41 at 300 and 3000; fp16 0.066.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from tests.vi import models
 F64 = torch.float64
 
 
-def kl_path(dtype, steps, d=2, cond=1e4):
+def kl_path(dtype, steps, d=6, cond=1e4):
     log_joint, m, Lam = models.stiff_gaussian(d=d, cond=cond)
     exact = MultivariateNormal(m, precision_matrix=Lam)
     q0 = StructuredGaussian(torch.zeros(d, dtype=dtype), make_structure("dense", d, dtype=dtype))
@@ -43,7 +43,7 @@ def kl_path(dtype, steps, d=2, cond=1e4):
 def check(res, kls, steps):
     assert res.stopped_reason == "steps" and res.state["num_skipped"] <= 2, res.message
     assert torch.isfinite(res.q.loc).all()
-    assert kls[steps] <= kls[100] + 0.05 and kls[steps] < 0.5, kls
+    assert kls[steps] <= kls[100] + 0.05 and kls[steps] < 0.6, kls
 
 
 @pytest.mark.lowprec
