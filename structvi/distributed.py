@@ -157,14 +157,26 @@ class DataParallelVI:
     # ------------------------------------------------------------------ each step
     def estimate(self, log_joint: LogJoint, loc: Tensor, factor: Structure, *,
                  estimator: str = "stein", num_samples: int | None = None,
-                 generator: torch.Generator | None = None, temperature: float = 1.0
-                 ) -> Estimate:
+                 generator: torch.Generator | None = None, temperature: float = 1.0,
+                 point_dtype: torch.dtype | None = None) -> Estimate:
         """:func:`structvi.estimators.estimate` of the full log-joint ``Σ_r w_r log_joint_r``.
 
         Same arguments as :func:`~structvi.estimators.estimate`; ``log_joint`` is this rank's.
+        The ranks must agree on which samples count: a sample dropped for a non-finite value on
+        one rank is not known to the others, so a step in which any rank dropped a sample
+        fails on every rank (the fitter's non-finite rule then shrinks or stops, identically
+        everywhere).
         """
         local = estimate(log_joint, loc, factor, estimator=estimator, num_samples=num_samples,
-                         generator=generator, temperature=temperature / self.total_weight)
+                         generator=generator, temperature=temperature / self.total_weight,
+                         point_dtype=point_dtype)
+        dropped = torch.tensor([float(local.stats is None or local.num_dropped > 0)],
+                               dtype=torch.float64, device=self.device)
+        dist.all_reduce(dropped, group=self.group)
+        if float(dropped) > 0:
+            empty = local.log_joint[:0]
+            return Estimate(None, empty, local.quad_form, None,
+                            max(local.num_dropped, 1), local.bad_value)
         grad, curvature, values = local.stats.grad, local.stats.curvature, local.log_joint
         parts = [grad, *curvature.tensors().values(), values]
         flat = self._all_reduce(parts)
@@ -176,7 +188,12 @@ class DataParallelVI:
             value = local.quad_form(u)
             return self._all_reduce([value.reshape(1)]).to(value.dtype).reshape(())
 
-        return Estimate(NGDStats(grad, curvature), values, quad_form)
+        return Estimate(NGDStats(grad, curvature), values, quad_form, local.eps, 0, None)
+
+    def reduce_values(self, values: Tensor) -> Tensor:
+        """``Σ_r w_r values_r``: this rank's log-joint values at points every rank shares (the
+        fitter's acceptance test), in ``values``' dtype and device."""
+        return self._all_reduce([values]).to(dtype=values.dtype, device=values.device)
 
     def _all_reduce(self, parts: list[Tensor]) -> Tensor:
         """``Σ_r w_r · parts_r`` as one float64 bucket (on the CPU)."""

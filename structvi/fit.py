@@ -1,7 +1,8 @@
 r"""``fit``: structured Gaussian VI as a thin loop over the engine (DESIGN.md "Data flow").
 
-Each step gathers statistics with an estimator (:mod:`structvi.estimators`), calls the pure
-:func:`structvi.engine.step` and writes the new state back. The objective (MATH (2.1)) is
+Each step gathers statistics with an estimator (:mod:`structvi.estimators`), proposes the pure
+:func:`structvi.engine.step`, lets the step rule (:mod:`structvi._fit_rules`) accept it,
+backtrack it or reject it, and writes the accepted state back. The objective (MATH (2.1)) is
 
 .. math:: \mathcal L(q) = \mathbb E_q[\log p(z, \mathcal D)] + \tau\,\mathbb H[q],
 
@@ -9,16 +10,21 @@ the ELBO for ``τ = 1``, with ``log_joint(Z)`` returning ``log p(z_s, D)`` for e
 (shape ``(n, d) → (n,)``).
 
 **Minibatches.** To fit on a minibatch ``B`` of ``N`` data points, make ``log_joint`` return the
-unbiased full-data estimate ``(N/|B|) Σ_{i∈B} log p(y_i | z) + log p(z)``. The estimators stay
-unbiased (they are linear in ``log_joint``); the recorded ELBO becomes noisier.
+unbiased full-data estimate ``(N/|B|) Σ_{i∈B} log p(y_i | z) + log p(z)``. The step rule compares
+two calls of ``log_joint`` within a step: draw the minibatch once per step, or pass
+``step_rule=StepRule(accept=False)``.
 
-**Faults.** A step whose log-joint values, statistics or resulting state are not finite is
-skipped: the state is unchanged (the generator has moved on, so the next try uses new samples),
-the skip is counted in :attr:`Fitter.num_skipped` and the first one warns. After
-``max_consecutive_skips`` consecutive skips (default 10) :func:`fit` stops with
-``stopped_reason="non_finite"`` and returns the last finite ``q``. ``Ctrl-C`` stops with
-``stopped_reason="interrupted"`` and returns the last completed step. Nothing is lost either way:
-``FitResult.state`` resumes the run with :meth:`Fitter.load_state_dict`.
+**Step rule, faults, precision** (exactly: docs/vi_step_rules.md and :mod:`structvi._fit_rules`).
+A step is accepted when a common-random-number estimate of its ELBO change is not clearly
+negative, else backtracked (mean and factor steps halved); non-finite samples are dropped with
+their antithetic partners (``history["dropped"]``); a step with no finite sample or no accepted
+backtrack fails with the state unchanged, and ``max_consecutive_skips`` failures in a row stop the
+fit (``"non_finite"`` naming the value, or ``"rejected"``) with the last accepted ``q``. A fit
+that falls far below its best stops ``"diverged"`` with the best ``q``; ``"plateau"`` is never
+reported for it. An exception from ``log_joint``, the callback or a schedule carries the result
+so far as ``err.fit_result``. Mean, momenta, statistics, line search and acceptance test run in
+float32 or wider; only the stored factor keeps a low-precision dtype. The whole step, ELBO monitor
+included, is matrix products only (``log|det K|`` is tracked through the retractions).
 
 **Step sizes.** The engine caps the factor step by its trust region (MATH §2.6); the fitter caps
 the mean step size by an exact line search on the local quadratic model
@@ -32,13 +38,21 @@ import math
 import time
 import warnings
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from structvi import distributed, engine
+from structvi._fit_history import History
+from structvi._fit_rules import StepRule, propose
+from structvi._fit_types import STOP_REASONS, FitResult, FitStopped, StepRecord
+from structvi._fit_state import check_fitter_args as _check_fitter_args
+from structvi._fit_state import check_config as _check_config
+from structvi._fit_state import make_generator as _make_generator
+from structvi._fit_state import apply_state_dict, check_state_dict, fitter_state_dict
+from structvi._fit_state import failure_text as _failure_text
+from structvi._fit_state import widest as _work_dtype
 from structvi.engine import NGDConfig, NGDState
 from structvi.estimators import (
     DEFAULT_NUM_SAMPLES, Estimate, LogJoint, check_estimator, elbo, estimate,
@@ -48,58 +62,15 @@ from structvi.schedules import Plateau, TwoStage, check_int, default_config
 from structvi.structures import structure_from_spec
 
 __all__ = [
-    "FitResult", "Fitter", "Plateau", "StepRecord", "TwoStage", "default_config", "elbo", "fit",
+    "FitResult", "FitStopped", "Fitter", "Plateau", "StepRecord", "StepRule", "TwoStage",
+    "default_config", "elbo", "fit",
 ]
-# ``Plateau``, ``TwoStage``, ``default_config`` live in :mod:`structvi.schedules` and ``elbo`` in
-# :mod:`structvi.estimators`; they are re-exported here as part of the ``fit`` API.
+# ``Plateau``, ``TwoStage``, ``default_config`` live in :mod:`structvi.schedules`, ``elbo`` in
+# :mod:`structvi.estimators` and ``StepRule`` in :mod:`structvi._fit_rules`; they are
+# re-exported here as part of the ``fit`` API.
 
 ConfigArg = NGDConfig | Callable[[int], NGDConfig] | None
-STOP_REASONS = ("steps", "plateau", "non_finite", "interrupted", "callback")
-
-
-class StepRecord(NamedTuple):
-    """What one :meth:`Fitter.step` did.
-
-    Attributes:
-        iteration: 1-based count of attempted steps (skips included).
-        elbo: ELBO estimate of ``q`` *before* the update from the step's samples
-            (``nan`` if skipped or not monitored).
-        skipped: whether the step was skipped for non-finite values.
-        seconds: wall time of the step.
-    """
-
-    iteration: int
-    elbo: float
-    skipped: bool
-    seconds: float
-
-
-class FitResult(NamedTuple):
-    """Result of :func:`fit`.
-
-    Attributes:
-        q: the fitted (last finite) distribution.
-        history: ``{"iteration", "elbo", "time"}`` lists (recorded steps; ``time`` is cumulative
-            wall seconds).
-        state: :meth:`Fitter.state_dict` of the final state (resume with ``load_state_dict``).
-        stopped_reason: ``"steps"``, ``"plateau"``, ``"non_finite"``, ``"interrupted"`` or
-            ``"callback"``.
-    """
-
-    q: StructuredGaussian
-    history: dict[str, list[float]]
-    state: dict[str, Any]
-    stopped_reason: str
-
-
-def _is_finite_state(state: NGDState) -> bool:
-    tensors = [state.loc, *state.factor.tensors().values()]
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
-
-
-def _is_finite_estimate(values: Tensor, stats: engine.NGDStats) -> bool:
-    tensors = [values, stats.grad, *stats.curvature.tensors().values()]
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
+_LOG_2PI_E = 1.0 + math.log(2 * math.pi)
 
 
 def _mean_line_search(state: NGDState, est: Estimate, cfg: NGDConfig) -> NGDConfig:
@@ -129,32 +100,13 @@ def _mean_line_search(state: NGDState, est: Estimate, cfg: NGDConfig) -> NGDConf
     return cfg.replace(lr_mean=slope / curv)
 
 
-def _check_config(config: Any) -> ConfigArg:
-    if config is None or isinstance(config, NGDConfig) or callable(config):
-        return config
-    raise TypeError(
-        f"config must be an NGDConfig, a callable step -> NGDConfig, or None, got "
-        f"config={config!r}"
-    )
-
-
-def _make_generator(generator: torch.Generator | None, device: torch.device) -> torch.Generator:
-    if generator is None:
-        gen = torch.Generator(device=device)
-        gen.seed()  # non-deterministic; pass a seeded generator for reproducible runs
-        return gen
-    if not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got generator={generator!r}")
-    return generator
-
-
 class Fitter:
     """Resumable structured-Gaussian VI: :meth:`step`, :meth:`run`, :meth:`state_dict`.
 
     Args:
         log_joint: ``log p(z, D)`` for a batch of points, ``(n, d) → (n,)`` (module doc: how to
             scale a minibatch estimate).
-        q: starting :class:`StructuredGaussian` (unbatched); its structure is kept.
+        q: starting :class:`StructuredGaussian` (unbatched); its structure and dtypes are kept.
         config: an :class:`NGDConfig`, a schedule ``accepted_steps -> NGDConfig``, or ``None``
             for :func:`default_config` of the estimator.
         estimator: ``"stein"`` (default), ``"hessian"`` or ``"reparam"``
@@ -162,15 +114,17 @@ class Fitter:
         num_samples: points per estimate (``None``: 16 for stein/reparam, 2 for hessian).
         generator: source of all randomness (``None``: a fresh, non-deterministically seeded one).
         temperature: ``τ`` of MATH (2.1); overrides ``config.temperature``.
-        max_consecutive_skips: consecutive non-finite steps after which :meth:`run` stops.
+        max_consecutive_skips: failed steps in a row after which :meth:`step` raises
+            :class:`FitStopped` (and :meth:`run` stops).
+        step_rule: the acceptance rule's settings (:class:`StepRule`; ``None``: the default).
         process_group: data-parallel VI (:mod:`structvi.distributed`): ``log_joint`` is this
             rank's shard and the ranks' estimates are all-reduced; ``None`` uses an initialized
             default group of more than one rank, ``False`` none, or a ``ProcessGroup`` /
             :class:`~structvi.distributed.DataParallelVI`.
 
     Raises:
-        TypeError: ``log_joint`` not callable, ``q`` not a StructuredGaussian, bad ``config`` or
-            ``generator`` type.
+        TypeError: ``log_joint`` not callable, ``q`` not a StructuredGaussian, bad ``config``,
+            ``generator`` or ``step_rule`` type.
         ValueError: batched ``q``, bad ``estimator``, ``num_samples``, ``temperature`` or
             ``max_consecutive_skips``.
     """
@@ -187,51 +141,77 @@ class Fitter:
         temperature: float = 1.0,
         max_consecutive_skips: int = 10,
         process_group: Any = None,
+        step_rule: StepRule | None = None,
     ) -> None:
-        if not callable(log_joint):
-            raise TypeError(
-                f"log_joint must be a callable (n, d) -> (n,), got log_joint={log_joint!r}"
-            )
-        if not isinstance(q, StructuredGaussian):
-            raise TypeError(f"q must be a StructuredGaussian, got q={type(q).__name__}")
-        if q.batch_shape != torch.Size():
-            raise ValueError(f"q must be unbatched (loc of shape (d,)), got batch_shape="
-                             f"{tuple(q.batch_shape)}")
+        _check_fitter_args(log_joint, q, temperature, step_rule)
         self.estimator = check_estimator(estimator)
         self.num_samples = DEFAULT_NUM_SAMPLES[estimator] if num_samples is None else num_samples
         check_int("num_samples", self.num_samples, 2 if estimator != "reparam" else 1)
         if estimator != "reparam" and self.num_samples % 2:
             raise ValueError(f"num_samples must be even for the antithetic {estimator!r} "
                              f"estimator, got num_samples={self.num_samples}")
-        ok = isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
-        if not (ok and math.isfinite(temperature) and temperature >= 0):
-            raise ValueError(
-                f"temperature must be a finite number >= 0, got temperature={temperature!r}"
-            )
         self.max_consecutive_skips = check_int("max_consecutive_skips", max_consecutive_skips, 1)
         self.log_joint = log_joint
         self.temperature = float(temperature)
+        self.step_rule = StepRule() if step_rule is None else step_rule
         self._config = default_config(estimator) if config is None else _check_config(config)
         self.generator = _make_generator(generator, q.loc.device)
+        self.point_dtype = q.loc.dtype
+        self.factor_dtype = q.factor.dtype
+        self.work_dtype = _work_dtype(q.loc.dtype, q.factor.dtype)
         # Structures are immutable (every op returns a new one), so sharing q's tensors is safe.
         factor = structure_from_spec({k: t.detach() for k, t in q.factor.tensors().items()},
                                      q.factor.spec())
-        self.state: NGDState = engine.init(q.loc.detach().clone(), factor)
-        self.history: dict[str, list[float]] = {"iteration": [], "elbo": [], "time": []}
+        loc = q.loc.detach().to(self.work_dtype, copy=True)
+        self.state: NGDState = engine.init(loc, factor, momentum_dtype=self.work_dtype)
+        self.record = History()
         self.iteration = 0
-        self.num_skipped = 0
-        self.consecutive_skips = 0
         self.elapsed = 0.0
+        self.step_scale = 1.0
         self._warned = False
         # data parallelism (structvi.distributed): same start on every rank, reduced estimates
         self.data_parallel = distributed.resolve(process_group)
         if self.data_parallel is not None:
             self.state = self.data_parallel.broadcast_state(self.state, self.generator)
+        self._logdet_factor: Any = None
+        self._logdet = 0.0
+        self._sync_logdet()
 
+    # ------------------------------------------------------------------ views
     @property
     def q(self) -> StructuredGaussian:
-        """The current distribution."""
-        return StructuredGaussian(self.state.loc, self.state.factor)
+        """The current distribution (mean in the starting ``q``'s dtype)."""
+        return StructuredGaussian(self.state.loc.to(self.point_dtype), self.state.factor)
+
+    @property
+    def history(self) -> dict[str, list[float]]:
+        """The recorded steps (:class:`structvi._fit_history.History` ``lists``)."""
+        return self.record.lists
+
+    @property
+    def num_skipped(self) -> int:
+        """Failed steps so far (no finite sample, or every backtrack rejected)."""
+        return self.record.num_failed
+
+    @property
+    def consecutive_skips(self) -> int:
+        """Failed steps since the last accepted one."""
+        return self.record.consecutive_failures
+
+    @property
+    def num_dropped(self) -> int:
+        """Samples dropped for non-finite values so far."""
+        return self.record.num_dropped
+
+    @property
+    def log_abs_det(self) -> float:
+        """``log|det K|`` of the current factor, tracked through the retractions (float64)."""
+        self._sync_logdet()
+        return self._logdet
+
+    def entropy(self) -> float:
+        """``H[q] = (d/2) log(2πe) + log|det K|`` from the tracked log-determinant."""
+        return 0.5 * self.state.factor.dim * _LOG_2PI_E + self.log_abs_det
 
     def config_at(self, step: int) -> NGDConfig:
         """The :class:`NGDConfig` used for the update after ``step`` accepted steps."""
@@ -252,59 +232,116 @@ class Fitter:
         return cfg
 
     def step(self, *, monitor: bool = True) -> StepRecord:
-        """One update (or a skip): estimate, :func:`structvi.engine.step`, write back.
+        """One step: estimate, propose, accept/backtrack (:mod:`structvi._fit_rules`), write back.
 
         Args:
-            monitor: also record the ELBO estimate of the pre-update ``q`` (needs ``log|det K|``,
-                which dense factors compute by ``slogdet``; the update itself is inverse-free).
+            monitor: record the ELBO estimate of the pre-update ``q`` (the entropy comes from
+                the tracked ``log|det K|``: no decomposition).
 
         Returns:
-            The step's :class:`StepRecord`.
+            The step's :class:`StepRecord` (``skipped=True`` for a failed step).
+
+        Raises:
+            FitStopped: this was the ``max_consecutive_skips``-th failed step in a row.
         """
         t0 = time.perf_counter()
         self.iteration += 1
-        old = self.state
+        before = self.state
+        old = self._work_state()
         estimate_fn = estimate if self.data_parallel is None else self.data_parallel.estimate
         est = estimate_fn(self.log_joint, old.loc, old.factor, estimator=self.estimator,
                           num_samples=self.num_samples, generator=self.generator,
-                          temperature=self.temperature)
-        new = None
-        if _is_finite_estimate(est.log_joint, est.stats):
-            cfg = _mean_line_search(old, est, self.config_at(old.step))
-            new = engine.step(old, est.stats, cfg)
-            new = new if _is_finite_state(new) else None
-        if new is None:
-            self._skip()
-            seconds = time.perf_counter() - t0
-            self.elapsed += seconds
-            return StepRecord(self.iteration, math.nan, True, seconds)
+                          temperature=self.temperature, point_dtype=self.point_dtype)
+        self.record.num_dropped += est.num_dropped
+        if est.stats is None:
+            return self._fail(t0, est, "non_finite", 1)
+        cfg = _mean_line_search(old, est, self.config_at(old.step))
+        prop = propose(old, est.stats, cfg, scale=self.step_scale, rule=self.step_rule,
+                       values=est.log_joint, eps=est.eps, evaluate=self._evaluate,
+                       temperature=self.temperature)
+        if not prop.accepted:
+            self.step_scale = prop.scale
+            return self._fail(t0, est, "non_finite" if prop.state is None else "rejected",
+                              prop.tries, prop.scale)
         value = math.nan
         if monitor:
             value = float(est.log_joint.double().mean())
             if self.temperature:
-                value += self.temperature * float(StructuredGaussian(old.loc, old.factor).entropy())
-        self.state = new
-        self.consecutive_skips = 0
+                value += self.temperature * self.entropy()
+        self._accept(prop)
         seconds = time.perf_counter() - t0
         self.elapsed += seconds
         if monitor:
-            self.history["iteration"].append(float(self.iteration))
-            self.history["elbo"].append(value)
-            self.history["time"].append(self.elapsed)
-        return StepRecord(self.iteration, value, False, seconds)
+            self.record.record(self.iteration, value, self.elapsed, est.num_dropped, prop.scale,
+                               before, self._window)
+        return StepRecord(self.iteration, value, False, seconds, est.num_dropped, prop.tries,
+                          prop.scale)
 
-    def _skip(self) -> None:
-        self.num_skipped += 1
-        self.consecutive_skips += 1
+    _window = 50  # the divergence check's window when run() has no Plateau rule
+
+    def _work_state(self) -> NGDState:
+        """The state with the mean, momenta and factor in the work dtype (a view for the step)."""
+        s = self.state
+        w = self.work_dtype
+        self._sync_logdet()
+        factor = s.factor if s.factor.dtype == w else s.factor.to(w)
+        return NGDState(s.loc.to(w), factor, s.factor_momentum.to(w), s.loc_momentum.to(w), s.step)
+
+    def _accept(self, prop: Any) -> None:
+        new = prop.state
+        factor = new.factor if new.factor.dtype == self.factor_dtype else new.factor.to(
+            self.factor_dtype)
+        self.state = new._replace(factor=factor)
+        self._logdet += prop.logdet_change
+        self._logdet_factor = factor
+        self.record.consecutive_failures = 0
+        if prop.tries > 1:
+            self.record.num_backtracked += 1
+        self.step_scale = min(1.0, prop.scale * 2.0) if prop.tries == 1 else prop.scale
+
+    def _evaluate(self, Z: Tensor) -> Tensor:
+        """``log_joint`` at proposed points, without gradients, widened to the work dtype."""
+        with torch.no_grad():
+            values = self.log_joint(Z.to(self.point_dtype))
+        values = values.detach().to(self.work_dtype)
+        if self.data_parallel is not None:  # Σ_r w_r log_joint_r at the same points on all ranks
+            values = self.data_parallel.reduce_values(values)
+        return values
+
+    def _sync_logdet(self) -> None:
+        """Recompute ``log|det K|`` when the factor was replaced from outside (start, load,
+        ``NaturalGradientSVI``): one ``logabsdet`` (a decomposition for dense-type factors)."""
+        K = self.state.factor
+        last = self._logdet_factor
+        if last is K:
+            return
+        if last is not None and last.spec() == K.spec() and all(
+            torch.equal(a, b) for a, b in zip(last.tensors().values(), K.tensors().values())
+        ):
+            self._logdet_factor = K
+            return
+        self._logdet = float(K.to(torch.float64).logabsdet())
+        self._logdet_factor = K
+
+    def _fail(self, t0: float, est: Estimate, reason: str, tries: int,
+              scale: float = 1.0) -> StepRecord:
+        self.record.num_failed += 1
+        self.record.consecutive_failures += 1
+        detail = _failure_text(reason, est)
         if not self._warned:
             self._warned = True
             warnings.warn(
-                f"non-finite log_joint, gradient or update at iteration {self.iteration}: step "
-                f"skipped, state unchanged (further skips are counted in Fitter.num_skipped "
-                f"without warning; {self.max_consecutive_skips} in a row stop the fit)",
-                RuntimeWarning,
-                stacklevel=3,
+                f"step failed at iteration {self.iteration}: {detail}; state unchanged (further "
+                f"failures are counted in Fitter.num_skipped without warning; "
+                f"{self.max_consecutive_skips} in a row stop the fit)",
+                RuntimeWarning, stacklevel=3,
             )
+        seconds = time.perf_counter() - t0
+        self.elapsed += seconds
+        if self.record.consecutive_failures >= self.max_consecutive_skips:
+            raise FitStopped(reason, f"{self.record.consecutive_failures} failed steps in a row "
+                                     f"(last: {detail}); q is the last accepted one")
+        return StepRecord(self.iteration, math.nan, True, seconds, est.num_dropped, tries, scale)
 
     def run(
         self,
@@ -318,78 +355,33 @@ class Fitter:
 
         Returns:
             The :class:`FitResult`.
-        """
-        check_int("steps", steps, 1)
-        if callback is not None and not callable(callback):
-            raise TypeError(f"callback must be callable or None, got callback={callback!r}")
-        if early_stopping is not None and not isinstance(early_stopping, Plateau):
-            raise TypeError(f"early_stopping must be a Plateau or None, got {early_stopping!r}")
-        reason = "steps"
-        bar = tqdm(total=steps, disable=not progress, desc=f"structvi {self.estimator}")
-        try:
-            reason = self._loop(steps, bar, callback, early_stopping)
-        except KeyboardInterrupt:
-            reason = "interrupted"
-        finally:
-            bar.close()
-        return FitResult(self.q, {k: list(v) for k, v in self.history.items()},
-                         self.state_dict(), reason)
 
-    def _loop(self, steps: int, bar: Any, callback: Any, early_stopping: Plateau | None) -> str:
-        for _ in range(steps):
-            rec = self.step()
-            if not rec.skipped:
-                bar.set_postfix(elbo=f"{rec.elbo:.6g}", refresh=False)
-            bar.update()
-            if self.consecutive_skips >= self.max_consecutive_skips:
-                return "non_finite"
-            if callback is not None and callback(self, rec) is True:
-                return "callback"
-            if early_stopping is not None and not rec.skipped and early_stopping.should_stop(
-                self.history["elbo"]
-            ):
-                return "plateau"
-        return "steps"
+        Raises:
+            Exception: whatever ``log_joint``, ``callback`` or the config schedule raised, with
+                ``err.fit_result`` holding the result so far (``stopped_reason="error"``).
+        """
+        from structvi._fit_loop import run_loop
+
+        return run_loop(self, steps, callback, progress, early_stopping)
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly: engine state, generator state, history and
         counters (tensors, numbers and strings: loads with ``torch.load(weights_only=True)``)."""
-        return {
-            "engine": self.state.state_dict(),
-            "generator": self.generator.get_state(),
-            "history": {k: list(v) for k, v in self.history.items()},
-            "iteration": self.iteration,
-            "num_skipped": self.num_skipped,
-            "consecutive_skips": self.consecutive_skips,
-            "elapsed": self.elapsed,
-            "estimator": self.estimator,
-            "num_samples": self.num_samples,
-            "temperature": self.temperature,
-        }
+        return fitter_state_dict(self)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output (``log_joint`` and ``config`` come from ``__init__``).
 
+        Atomic: everything is validated before anything changes; a bad state leaves the fitter
+        as it was. Dtypes are not switched silently: the stored mean, momenta and factor must
+        have this fitter's dtypes.
+
         Raises:
-            ValueError: the estimator, sample count, temperature or factor structure differ
-                from this fitter's.
+            ValueError: a missing or malformed entry, or the estimator, sample count,
+                temperature, factor structure or dtypes differ from this fitter's.
         """
-        for key in ("estimator", "num_samples", "temperature"):
-            if state_dict[key] != getattr(self, key):
-                raise ValueError(f"state_dict has {key}={state_dict[key]!r} but this Fitter has "
-                                 f"{key}={getattr(self, key)!r}")
-        state = NGDState.from_state_dict(state_dict["engine"])
-        if state.factor.spec() != self.state.factor.spec():
-            raise ValueError(f"state_dict factor spec {state.factor.spec()} differs from this "
-                             f"Fitter's {self.state.factor.spec()}")
-        self.state = state
-        self.generator.set_state(state_dict["generator"])
-        self.history = {k: list(v) for k, v in state_dict["history"].items()}
-        self.iteration = int(state_dict["iteration"])
-        self.num_skipped = int(state_dict["num_skipped"])
-        self.consecutive_skips = int(state_dict["consecutive_skips"])
-        self.elapsed = float(state_dict["elapsed"])
+        apply_state_dict(self, check_state_dict(self, state_dict))
 
 
 def fit(
@@ -407,6 +399,7 @@ def fit(
     early_stopping: Plateau | None = Plateau(),
     max_consecutive_skips: int = 10,
     process_group: Any = None,
+    step_rule: StepRule | None = None,
 ) -> FitResult:
     """Fit ``q`` to ``exp(log_joint)`` by structured natural-gradient VI (MATH (2.6)).
 
@@ -425,19 +418,22 @@ def fit(
             stops the fit (``stopped_reason="callback"``).
         progress: show a tqdm bar with the ELBO.
         early_stopping: a :class:`Plateau` rule (default: window 50, ``min_delta=1e-3`` nats),
-            or ``None`` to always run ``steps`` steps.
-        max_consecutive_skips: consecutive non-finite steps that stop the fit.
+            or ``None`` to run ``steps`` steps (the divergence check still runs, window 50).
+        max_consecutive_skips: failed steps in a row that stop the fit (module doc).
+        step_rule: the acceptance rule's settings (:class:`StepRule`).
         process_group: data-parallel VI over ranks (see :class:`Fitter`).
 
     Returns:
-        ``FitResult(q, history, state, stopped_reason)``.
+        ``FitResult(q, history, state, stopped_reason, message)``.
 
     Raises:
         TypeError: ``log_joint``/``callback`` not callable, ``q`` not a StructuredGaussian.
         ValueError: ``steps < 1`` and the other argument errors of :class:`Fitter`.
+        Exception: raised by ``log_joint``, ``callback`` or a schedule, with ``err.fit_result``.
     """
     check_int("steps", steps, 1)
     fitter = Fitter(log_joint, q, config, estimator=estimator, num_samples=num_samples,
                     generator=generator, temperature=temperature,
-                    max_consecutive_skips=max_consecutive_skips, process_group=process_group)
+                    max_consecutive_skips=max_consecutive_skips, step_rule=step_rule,
+                    process_group=process_group)
     return fitter.run(steps, callback=callback, progress=progress, early_stopping=early_stopping)

@@ -231,7 +231,7 @@ class NaturalGradientSVI:
         self._fitter = Fitter(
             _log_joint_set_per_step, q, self.config, estimator=self.estimator,
             num_samples=self.num_samples, generator=self.generator,
-            temperature=self._temperature(), max_consecutive_skips=2**31,
+            temperature=self._temperature(),
             process_group=self.process_group,
         )
         if self._fitter.data_parallel is not None:  # every rank starts from rank 0's guide

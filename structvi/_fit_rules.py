@@ -1,0 +1,241 @@
+r"""The VI step rule: when a proposed engine step is accepted (DESIGN decision 7, VI side).
+
+One place decides, for :class:`structvi.fit.Fitter` (and through it ``fit`` and Pyro's
+``NaturalGradientSVI``), whether a proposed step is taken. The rule, with ``ε_s`` the kept draws
+of the step's estimate, ``q = N(μ, KKᵀ)`` the current and ``q' = N(μ', K'K'ᵀ)`` the proposed
+distribution:
+
+1. **Proposal.** ``q'`` is :func:`structvi.engine.step` with the step sizes ``lr``, ``lr_mean``
+   and the trust radius ``c`` all multiplied by the current *step scale* ``s ∈ (0, 1]``.
+2. **Common-random-number ELBO change.** With ``z_s = μ + Kε_s``, ``z'_s = μ' + K'ε_s``,
+
+   .. math:: \widehat{\Delta L} = \operatorname{mean}_s\,[\log p(z'_s) - \log p(z_s)]
+             + \tau \log|\det h(M)|,
+
+   where ``K' = K h(M)`` is the retraction the engine took, so ``log|det h(M)|`` is the exact
+   entropy change. It is computed by matrix products only (:func:`logdet_retraction`).
+3. **Acceptance.** Accept iff every ``log p(z'_s)`` is finite and
+   ``ΔL̂ ≥ −(tolerance + min(2·se, 10·tolerance + spread))``, with ``se`` the standard error of
+   the per-sample differences and ``spread`` the standard deviation of ``log p(z_s)``: a clear
+   decrease (beyond two standard errors of the comparison) is rejected, and so is any decrease
+   larger than ``11·tolerance + spread`` whatever its noise (one sample at ``−10¹⁰⁰`` makes the
+   standard error huge too).
+4. **Backtracking.** A rejected proposal is retried from the same state and statistics with the
+   step scale halved (mean and factor steps and the trust radius together), at most
+   ``max_backtracks`` times. The scale that was accepted is kept for the next step and doubled
+   (up to 1) after each step accepted at the first try. If every try is rejected the step
+   *fails*: the state is unchanged.
+
+Non-finite samples never reach this rule: the estimators drop them with their antithetic
+partners (:mod:`structvi.estimators`); an estimate with no finite sample left is a failed step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from structvi import engine
+from structvi.engine import NGDConfig, NGDState
+from structvi.structures import Structure
+
+__all__ = ["Proposal", "StepRule", "logdet_retraction", "retraction_coordinates"]
+
+_RADIUS = {"quadratic": math.sqrt(2.0), "first_order": 1.0}  # convergence radius of log h(x)
+_MAX_TERMS = 200
+
+
+@dataclass(frozen=True)
+class StepRule:
+    """Settings of the acceptance rule (module doc).
+
+    Args:
+        tolerance: nats a step may lose beyond the Monte-Carlo noise allowance (> 0).
+        max_backtracks: halvings of the step scale before a step fails (>= 0).
+        accept: ``False`` turns the rule off (every finite proposal is taken; use it only with a
+            ``log_joint`` that subsamples data per call, where two calls are not comparable).
+    """
+
+    tolerance: float = 1.0
+    max_backtracks: int = 6
+    accept: bool = True
+
+    def __post_init__(self) -> None:
+        t = self.tolerance
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not (math.isfinite(t) and t > 0):
+            raise ValueError(f"tolerance must be a finite number > 0, got tolerance={t!r}")
+        b = self.max_backtracks
+        if isinstance(b, bool) or not isinstance(b, int) or b < 0:
+            raise ValueError(f"max_backtracks must be an integer >= 0, got max_backtracks={b!r}")
+
+    def allowance(self, diffs: Tensor, values: Tensor) -> float:
+        """How many nats the CRN estimate may drop before the proposal is rejected."""
+        n = diffs.shape[0]
+        se = float(diffs.std() / math.sqrt(n)) if n > 1 else math.inf
+        spread = float(values.std()) if values.shape[0] > 1 else 0.0
+        se = se if math.isfinite(se) else math.inf
+        return self.tolerance + min(2.0 * se, 10.0 * self.tolerance + spread)
+
+
+class Proposal(NamedTuple):
+    """An accepted (or the last rejected) proposal.
+
+    Attributes:
+        state: the proposed engine state (work dtypes).
+        logdet_change: ``log|det h(M)|`` of its factor step.
+        gain: the CRN estimate ``ΔL̂`` (nats; ``-inf`` if a value was not finite).
+        scale: the step scale it used.
+        tries: proposals evaluated (1 = accepted at once).
+        accepted: whether the rule accepted it.
+    """
+
+    state: NGDState | None
+    logdet_change: float
+    gain: float
+    scale: float
+    tries: int
+    accepted: bool
+
+
+def scaled_config(cfg: NGDConfig, scale: float) -> NGDConfig:
+    """``cfg`` with ``lr``, ``lr_mean`` and the trust radius multiplied by ``scale``."""
+    if scale == 1.0:
+        return cfg
+    tr = None if cfg.trust_region is None else cfg.trust_region * scale
+    return cfg.replace(lr=cfg.lr * scale, lr_mean=cfg.beta_mean * scale, trust_region=tr)
+
+
+def retraction_coordinates(new: NGDState, cfg: NGDConfig) -> Structure:
+    """The coordinate ``M = −β_eff m_K`` of the engine's factor step ``K' = K h(M)``.
+
+    ``β_eff = min(lr, c/‖m_K‖_∞)`` as in :func:`structvi.engine.factor_step`, recomputed from the
+    new momentum ``m_K`` (the engine returns it).
+    """
+    m = new.factor_momentum
+    beta = cfg.lr
+    if cfg.trust_region is not None:
+        norm = float(m.inf_norm())
+        if norm * cfg.lr > cfg.trust_region:
+            beta = cfg.trust_region / norm
+    return m.to(torch.float64 if m.dtype == torch.float64 else torch.float32).scale(-beta)
+
+
+@lru_cache(maxsize=4)
+def _log_series(retraction: str, terms: int) -> tuple[float, ...]:
+    """Taylor coefficients ``c_1..c_terms`` of ``log h(x)`` for ``h(x) = 1 + a₁x + a₂x²``.
+
+    From ``h·(log h)' = h'``: with ``b_j = (j+1) c_{j+1}``,
+    ``b_j + a₁ b_{j−1} + a₂ b_{j−2} = [j=0] a₁ + [j=1] 2a₂``.
+    """
+    a1, a2 = 1.0, (0.5 if retraction == "quadratic" else 0.0)
+    b: list[float] = []
+    for j in range(terms):
+        rhs = a1 if j == 0 else (2 * a2 if j == 1 else 0.0)
+        rhs -= (a1 * b[j - 1] if j >= 1 else 0.0) + (a2 * b[j - 2] if j >= 2 else 0.0)
+        b.append(rhs)
+    return tuple(bj / (j + 1) for j, bj in enumerate(b))
+
+
+def logdet_retraction(M: Structure, retraction: str = "quadratic") -> float | None:
+    r"""``log|det h(M)|`` by matrix products only: ``tr log h(M) = Σ_k c_k tr(M^k)``.
+
+    ``"expm"``: exactly ``tr M``. ``"quadratic"`` / ``"first_order"``: the Taylor series of
+    ``log h`` (convergence radius ``√2`` / ``1`` in the spectral radius, which ``‖M‖_∞`` bounds),
+    summed until the tail bound ``d·|c_k|·‖M‖_∞^k`` is below ``1e-12`` nats. A Kronecker
+    coordinate ``M₁ ⊗ I + I ⊗ M₂`` (retracted factor-wise) gives
+    ``d₂ log|det h(M₁)| + d₁ log|det h(M₂)|``, and a block-sites coordinate the sum over its
+    sites (each retracted on its own).
+
+    Returns:
+        The value, or ``None`` when ``‖M‖_∞`` is outside ``0.9×`` the convergence radius (only
+        possible without a trust region or with ``trust_region ≥ 1.27``).
+    """
+    parts = getattr(M, "factors", None)
+    if parts is not None and getattr(M, "kind", None) == "sum":
+        d1, d2 = M.dims
+        a, b = (logdet_retraction(f, retraction) for f in parts)
+        return None if a is None or b is None else d2 * a + d1 * b
+    blocks = getattr(M, "blocks", None)
+    if isinstance(blocks, (list, tuple)) and all(isinstance(b, Structure) for b in blocks):
+        values = [logdet_retraction(b, retraction) for b in blocks]  # block_sites: per site
+        return None if any(v is None for v in values) else sum(values)
+    if retraction == "expm":
+        return float(M.trace())
+    norm = float(M.inf_norm())
+    if not math.isfinite(norm) or norm >= 0.9 * _RADIUS[retraction]:
+        return None
+    if norm == 0.0:
+        return 0.0
+    coeffs = _log_series(retraction, _MAX_TERMS)
+    total, P = 0.0, M
+    for k, c in enumerate(coeffs, start=1):
+        total += c * float(P.trace())
+        ratio = norm / _RADIUS[retraction]
+        bound = M.dim * max(abs(x) for x in coeffs[k : k + 4]) * norm ** (k + 1) / (1 - ratio)
+        if bound < 1e-12 or k == _MAX_TERMS:
+            break
+        P = P.compose(M)
+    return total
+
+
+def propose(
+    old: NGDState,
+    stats: engine.NGDStats,
+    cfg: NGDConfig,
+    *,
+    scale: float,
+    rule: StepRule,
+    values: Tensor,
+    eps: Tensor,
+    evaluate: object,
+    temperature: float,
+) -> Proposal:
+    """Propose, test and backtrack (module doc, steps 1–4).
+
+    Args:
+        old: current state (work dtypes).
+        stats: the step's statistics.
+        cfg: the step's configuration before scaling.
+        scale: the current step scale.
+        rule: the :class:`StepRule`.
+        values: ``log p(z_s)`` at the kept samples.
+        eps: the kept draws ``ε_s``.
+        evaluate: ``Z -> log p(Z)`` without gradients (values in the work dtype).
+        temperature: ``τ``.
+
+    Returns:
+        The first accepted :class:`Proposal`, or the last rejected one.
+    """
+    last = Proposal(None, math.nan, -math.inf, scale, 0, False)
+    for k in range(rule.max_backtracks + 1):
+        s = scale * 0.5**k
+        c = scaled_config(cfg, s)
+        new = engine.step(old, stats, c)
+        if not _is_finite_state(new):
+            last = Proposal(None, math.nan, -math.inf, s, k + 1, False)
+            continue
+        logdet = logdet_retraction(retraction_coordinates(new, c), c.retraction)
+        if logdet is None:  # outside the series' radius: exact fallback (monitoring-grade)
+            logdet = float(new.factor.logabsdet().double() - old.factor.logabsdet().double())
+        if not rule.accept:
+            return Proposal(new, logdet, math.nan, s, k + 1, True)
+        Z = new.loc + new.factor.matmul(eps.T.to(new.factor.dtype)).T.to(new.loc.dtype)
+        diffs = evaluate(Z) - values
+        gain = float(diffs.mean()) + temperature * logdet if bool(torch.isfinite(diffs).all()) \
+            else -math.inf
+        accepted = math.isfinite(gain) and gain >= -rule.allowance(diffs, values)
+        last = Proposal(new, logdet, gain, s, k + 1, accepted)
+        if accepted:
+            return last
+    return last
+
+
+def _is_finite_state(state: NGDState) -> bool:
+    tensors = [state.loc, state.loc_momentum, *state.factor.tensors().values(),
+               *state.factor_momentum.tensors().values()]
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
