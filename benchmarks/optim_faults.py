@@ -37,10 +37,14 @@ from structvi.optim import StructuredNGD
 MAGNITUDES = (1e3, 1e6, 1e10, 1e20)
 CLIPS = (None, 1.0)
 AT, AFTER, ZERO_STRETCH = 40, 40, 300
+# the published INGD/SINGD update (no normalization, absolute damping) at a large step size
+PUBLISHED = dict(lr=0.05, relative_damping=False, normalize_preconditioner=False,
+                 diagonal_lr_ratio=1.0)
 METHODS: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
-    "StructuredNGD": lambda net: StructuredNGD(net, lr=0.05),
-    "StructuredNGD (no outlier clipping)": lambda net: StructuredNGD(net, lr=0.05,
-                                                                      outlier_threshold=None),
+    "StructuredNGD (defaults)": lambda net: StructuredNGD(net),
+    "StructuredNGD (published update, lr 0.05)": lambda net: StructuredNGD(net, **PUBLISHED),
+    "same, no outlier clipping": lambda net: StructuredNGD(net, **PUBLISHED,
+                                                            outlier_threshold=None),
     "AdamW": lambda net: torch.optim.AdamW(net.parameters(), lr=1e-2),
 }
 
