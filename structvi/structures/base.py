@@ -23,6 +23,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from structvi.structures.retraction import apply_retraction
+
 __all__ = ["NaiveFallbackWarning", "Structure"]
 
 
@@ -309,9 +311,8 @@ class Structure:
         return torch.linalg.slogdet(self.to_dense().double())[1].to(self.dtype)
 
     def retract(self, M: Structure, retraction: str = "quadratic") -> Structure:
-        """``K h(M)`` for a coordinate element ``M`` (MATH §1.2); see :mod:`structvi.engine`."""
-        from structvi.engine.retraction import apply_retraction
-
+        """``K h(M)`` for a coordinate element ``M`` (MATH §1.2); see
+        :mod:`structvi.structures.retraction`."""
         return self.compose(apply_retraction(M, retraction))
 
 
