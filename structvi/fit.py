@@ -44,7 +44,7 @@ from structvi.estimators import (
     DEFAULT_NUM_SAMPLES, Estimate, LogJoint, check_estimator, elbo, estimate,
 )
 from structvi.gaussian import StructuredGaussian
-from structvi.schedules import Plateau, TwoStage, check_int, default_config
+from structvi.schedules import Plateau, StructureDefault, TwoStage, check_int, default_config
 from structvi.structures import structure_from_spec
 
 __all__ = [
@@ -105,25 +105,32 @@ def _is_finite_estimate(values: Tensor, stats: engine.NGDStats) -> bool:
 def _mean_line_search(state: NGDState, est: Estimate, cfg: NGDConfig) -> NGDConfig:
     r"""Cap the mean step size by an exact line search on the local quadratic model.
 
-    The engine's mean step moves along ``−v``, ``v = K Kᵀ m_μ`` with ``m_μ = α_μ m_μ + g``. On
-    the model ``f(μ − βv) ≈ f(μ) − β gᵀv + ½β² vᵀĒv`` the best step is
+    The engine's plain mean step moves along ``−v``, ``v = K Kᵀ m_μ`` with ``m_μ = α_μ m_μ + g``.
+    On the model ``f(μ − βv) ≈ f(μ) − β gᵀv + ½β² vᵀĒv`` the best step is
     ``β* = gᵀv / vᵀĒv = (Kᵀg)ᵀu / uᵀ(KᵀĒK)u`` with ``u = Kᵀ m_μ``, estimated from the same
-    samples (:attr:`Estimate.quad_form`). Using ``min(β_μ, β*)`` keeps the mean stable when the
-    structured preconditioner ``K Kᵀ`` is far from ``Ē^{-1}``: from ``K = I`` on a stiff target,
-    and for sparse structures (a diagonal ``K`` makes the mean step a Jacobi iteration, which
-    diverges at ``β_μ = 1`` on correlated targets). With ``KᵀĒK = I`` (a converged dense
-    factor) ``β* = 1``: the step stays a Newton step. If the momentum direction points uphill
-    (``gᵀv ≤ 0``) the mean does not move this step. The search uses the pre-update factor while
-    the engine steps with the updated one; the two agree at convergence and the factor's trust
-    region bounds their difference. Costs two structured products.
+    samples (``est.quad_form``). The step is ``min(β_μ, β*)``; if the momentum direction points
+    uphill (``gᵀv ≤ 0``) or the model is not finite the mean does not move this step. The search
+    uses the pre-update factor while the engine steps with the updated one; the two agree at
+    convergence and the factor's trust region bounds their difference. Costs two structured
+    products, computed in float32 or wider whatever the factor's dtype, with ``u`` normalized
+    before the quadratic form (so a float16 factor cannot overflow it). With the CG mean step
+    (``cfg.mean_cg_iters > 0``) the direction already minimizes the model over its Krylov space
+    and the cap is not applied.
     """
-    K = state.factor
-    m_mu = cfg.alpha_mean * state.loc_momentum + est.stats.grad.to(state.loc_momentum.dtype)
-    u = K.rmatmul(m_mu.to(K.dtype))
-    slope = float(K.rmatmul(est.stats.grad.to(K.dtype)) @ u)
-    if not slope > 0:  # momentum points uphill (or g = 0): no mean step this time
+    if cfg.mean_cg_iters > 0:
+        return cfg
+    acc = engine.accumulation_dtype(state.loc.dtype, state.factor.dtype)
+    K = state.factor.to(acc) if state.factor.dtype != acc else state.factor
+    g = est.stats.grad.to(acc)
+    m_mu = cfg.alpha_mean * state.loc_momentum.to(acc) + g
+    u = K.rmatmul(m_mu)
+    slope = float(K.rmatmul(g) @ u)
+    norm = float(u.norm())
+    if not (slope > 0 and math.isfinite(slope) and math.isfinite(norm)):
+        return cfg.replace(lr_mean=0.0)  # uphill, g = 0, or not finite: no mean step this time
+    curv = float(est.quad_form(u / norm)) * norm * norm
+    if not math.isfinite(curv):
         return cfg.replace(lr_mean=0.0)
-    curv = float(est.quad_form(u))
     if not curv > 0 or slope >= cfg.beta_mean * curv:  # no curvature information, or no cap
         return cfg
     return cfg.replace(lr_mean=slope / curv)
@@ -225,8 +232,11 @@ class Fitter:
         return StructuredGaussian(self.state.loc, self.state.factor)
 
     def config_at(self, step: int) -> NGDConfig:
-        """The :class:`NGDConfig` used for the update after ``step`` accepted steps."""
+        """The :class:`NGDConfig` used for the update after ``step`` accepted steps (the default
+        resolves its per-structure step size against this fitter's factor)."""
         cfg = self._config
+        if isinstance(cfg, StructureDefault):
+            cfg = cfg.resolve(self.state.factor)
         if not isinstance(cfg, NGDConfig):
             cfg = cfg(step)
             if not isinstance(cfg, NGDConfig):
@@ -261,7 +271,10 @@ class Fitter:
         new = None
         if _is_finite_estimate(est.log_joint, est.stats):
             cfg = _mean_line_search(old, est, self.config_at(old.step))
-            new = engine.step(old, est.stats, cfg)
+            stats = est.stats
+            if cfg.mean_cg_iters > 0:  # Hessian-vector products at the mean for the CG step
+                stats = stats._replace(hvp=engine.target_hvp(self.log_joint, old.loc[None]))
+            new = engine.step(old, stats, cfg)
             new = new if _is_finite_state(new) else None
         if new is None:
             self._skip()
