@@ -7,6 +7,7 @@ factor step size per structure (:func:`default_config`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -47,8 +48,8 @@ class TwoStage:
         lr_end: factor step size right after the switch.
         decay_steps: time constant ``T`` of the harmonic decay (>= 1), or ``None``.
         base: the other hyper-parameters (momentum, retraction, trust regions, CG mean step).
-        lr_mean: the mean's step size, decoupled from the factor's; ``None``: the mean follows
-            the factor's schedule (``base.lr_mean`` is then ignored).
+        lr_mean: the mean's step size, decoupled from the factor's; ``None``: ``base.lr_mean``
+            (constant) if set, else the mean follows the factor's schedule.
         mean_decay_steps: time constant ``T_μ`` of the mean's decay after the switch (>= 1), or
             ``None`` for a constant ``lr_mean``.
     """
@@ -83,6 +84,8 @@ class TwoStage:
             lr = self._decayed(self.lr_end, self.decay_steps, t)
             lr_mean = None if self.lr_mean is None else self._decayed(
                 self.lr_mean, self.mean_decay_steps, t)
+        if lr_mean is None:  # the mean follows the factor (or base.lr_mean, if set)
+            return self.base.replace(lr=lr)
         return self.base.replace(lr=lr, lr_mean=lr_mean)
 
 
@@ -144,13 +147,18 @@ def default_config(
     if not isinstance(structure, Structure):
         raise TypeError(f"structure must be a Structure or None, got structure={structure!r}")
     s = structure.default_step_size()
-    base = NGDConfig(lr=s, momentum=0.0, trust_region=1.0,
-                     mean_cg_iters=DEFAULT_MEAN_CG_ITERS, mean_cg_tol=DEFAULT_MEAN_CG_TOL,
-                     mean_trust_region=DEFAULT_MEAN_TRUST_REGION)
+    base = _default_base().replace(lr=s)
     if estimator == "hessian":
         return base.replace(lr_mean=1.0)
     return TwoStage(lr_start=s, switch=10, lr_end=s, decay_steps=10, base=base, lr_mean=1.0,
                     mean_decay_steps=DEFAULT_MEAN_DECAY_STEPS)
+
+
+def _default_base() -> NGDConfig:
+    """The hyper-parameters the defaults share (step sizes are set per structure)."""
+    return NGDConfig(lr=1.0, momentum=0.0, trust_region=1.0,
+                     mean_cg_iters=DEFAULT_MEAN_CG_ITERS, mean_cg_tol=DEFAULT_MEAN_CG_TOL,
+                     mean_trust_region=DEFAULT_MEAN_TRUST_REGION)
 
 
 @dataclass(frozen=True)
@@ -163,20 +171,34 @@ class StructureDefault:
 
     Args:
         estimator: estimator name.
+        base: the hyper-parameters other than the step sizes (momentum, trust regions, CG
+            mean step, temperature; ``None``: the defaults'). A ``base.lr_mean`` that is set is
+            kept as a constant mean step size.
     """
 
     estimator: str
+    base: NGDConfig | None = None
 
     def __post_init__(self) -> None:
         check_estimator(self.estimator)
+        if self.base is None:
+            object.__setattr__(self, "base", _default_base())
+        elif not isinstance(self.base, NGDConfig):
+            raise TypeError(f"base must be an NGDConfig or None, got base={self.base!r}")
 
     def resolve(self, structure: Structure) -> NGDConfig | TwoStage:
-        """``default_config(estimator, structure)``."""
-        return default_config(self.estimator, structure)
+        """``default_config(estimator, structure)`` with this ``base``."""
+        cfg = default_config(self.estimator, structure)
+        user_mean = self.base.lr_mean
+        if isinstance(cfg, NGDConfig):
+            return self.base.replace(lr=cfg.lr, lr_mean=cfg.lr_mean if user_mean is None
+                                     else user_mean)
+        return dataclasses.replace(cfg, base=self.base.replace(lr=cfg.lr_start),
+                                   lr_mean=cfg.lr_mean if user_mean is None else None)
 
     def __call__(self, step: int) -> NGDConfig:
         """The configuration after ``step`` accepted steps for a Newton structure."""
-        cfg = default_config(self.estimator, _NEWTON)
+        cfg = self.resolve(_NEWTON)
         return cfg if isinstance(cfg, NGDConfig) else cfg(step)
 
 

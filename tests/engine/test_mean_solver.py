@@ -204,3 +204,17 @@ def test_toeplitz_default_is_stable_where_a_newton_step_oscillates():
 
     assert radius(1.0) > 1.0
     assert radius(K.default_step_size()) < 0.95
+
+
+def test_structure_default_keeps_user_hyper_parameters():
+    """The Pyro path replaces the default's ``base`` (momentum, options): resolution keeps it."""
+    import dataclasses
+
+    default = default_config("stein")
+    custom = dataclasses.replace(default, base=default.base.replace(momentum=0.3, lr_mean=0.5))
+    cfg = custom.resolve(make_structure("triangular_toeplitz", 3))(50)
+    assert (cfg.lr, cfg.momentum, cfg.beta_mean) == (pytest.approx(0.1), 0.3, 0.5)
+    assert cfg.mean_cg_iters == default.base.mean_cg_iters
+    assert TwoStage(1.0, 10, 1.0, 10, NGDConfig(lr_mean=1.0))(100).beta_mean == 1.0
+    with pytest.raises(TypeError, match="base"):
+        StructureDefault("stein", base="fast")
