@@ -128,7 +128,7 @@ class Objective:
         self.eps = torch.cat([half, -half])
 
     def __call__(self, mu: Tensor, L: Tensor) -> Tensor:
-        """``L``: ``(d, k)`` with ``Σ = L Lᵀ`` (``k > d`` for a low-rank-plus-diagonal ``[W, S]``)."""
+        """``L``: ``(d, k)`` with ``Σ = L Lᵀ`` (``k > d`` for low-rank-plus-diagonal ``[W, S]``)."""
         if L.shape[0] == L.shape[1]:
             logdet = torch.linalg.slogdet(L)[1]
         else:

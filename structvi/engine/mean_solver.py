@@ -20,8 +20,10 @@ with an exact line search).
 current ``q`` (Mahalanobis distance) per step. The norm is tracked by the CG recurrences
 ``‖p_{k+1}‖² = r_{k+1}ᵀz_{k+1} + β_k² ‖p_k‖²`` and ``⟨x_{k+1}, p_{k+1}⟩ = β_k(⟨x_k, p_k⟩ + α_k
 ‖p_k‖²)`` (all in the ``P⁻¹`` inner product), so no inverse or solve is needed. A direction of
-non-positive curvature (a non-convex target) is followed to the boundary, or, without a trust
-region, ends the iteration with the last iterate (the plain step if it is the first).
+non-positive curvature (a non-convex target, or a piecewise-linear ``log_joint`` whose Hessian
+vanishes) ends the iteration with the last iterate — the plain step ``K Kᵀ m_μ`` (within the
+trust region) if it is the first. Unlike Steihaug's method it is not followed to the boundary:
+the default radius is generous and not adapted, so that step would be a blind long jump.
 
 All arithmetic runs in float32 or wider (:func:`accumulation_dtype`), whatever the factor's dtype.
 """
@@ -137,10 +139,8 @@ def trust_region_cg(
         curv = float(p @ Hp)
         if not math.isfinite(curv):
             return x if k else plain_direction(rhs, factor, radius)
-        if curv <= 0:  # negative curvature: go to the boundary, or stop
-            if radius is None:
-                return x if k else p
-            return x + _to_boundary(xx, xp, pp, radius) * p
+        if curv <= 0:  # non-positive curvature: stop (at the plain step if it is the first)
+            return x if k else plain_direction(rhs, factor, radius)
         alpha = rz / curv
         if radius is not None and xx + 2 * alpha * xp + alpha * alpha * pp > radius * radius:
             return x + _to_boundary(xx, xp, pp, radius) * p

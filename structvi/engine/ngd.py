@@ -225,8 +225,8 @@ def mean_step(
     """``m_μ ← α m_μ + g``; ``μ ← μ − lr v`` (no solve).
 
     ``v = K Kᵀ m_μ`` (the plain step), or, with ``hvp`` and ``cg_iters > 0``, up to ``cg_iters``
-    steps of CG on ``Ē v = m_μ`` preconditioned by ``K Kᵀ`` (relative tolerance ``cg_tol``); ``‖K⁻¹ v‖ ≤ trust_region`` either way.
-    The direction is computed in float32 or wider and rounded once into ``loc``'s dtype.
+    steps of CG on ``Ē v = m_μ`` preconditioned by ``K Kᵀ`` (relative tolerance ``cg_tol``);
+    ``‖K⁻¹ v‖ ≤ trust_region`` either way. The direction is computed in float32 or wider and rounded once into ``loc``'s dtype.
     """
     m_mu = alpha * loc_momentum + grad.to(loc_momentum.dtype)
     if hvp is not None and cg_iters > 0:

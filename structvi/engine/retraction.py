@@ -13,4 +13,6 @@ from structvi.structures.retraction import (
     quadratic,
 )
 
-__all__ = ["RETRACTIONS", "apply_retraction", "check_retraction", "expm", "first_order", "quadratic"]
+__all__ = [
+    "RETRACTIONS", "apply_retraction", "check_retraction", "expm", "first_order", "quadratic",
+]
