@@ -272,8 +272,9 @@ class Fitter:
         if _is_finite_estimate(est.log_joint, est.stats):
             cfg = _mean_line_search(old, est, self.config_at(old.step))
             stats = est.stats
-            if cfg.mean_cg_iters > 0:  # Hessian-vector products at the mean for the CG step
-                stats = stats._replace(hvp=engine.target_hvp(self.log_joint, old.loc[None]))
+            if cfg.mean_cg_iters > 0:  # Hessian-vector products at the mean (float32 or wider)
+                point = old.loc.to(engine.accumulation_dtype(old.loc.dtype))[None]
+                stats = stats._replace(hvp=engine.target_hvp(self.log_joint, point))
             new = engine.step(old, stats, cfg)
             new = new if _is_finite_state(new) else None
         if new is None:
