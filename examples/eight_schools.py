@@ -114,7 +114,7 @@ def main(steps: int = 200, num_samples: int = 32, draws: int = 2000, seed: int =
     Args:
         steps: NaturalGradientSVI steps.
         num_samples: Monte-Carlo points per step (even).
-        draws: posterior draws for ArviZ and k̂.
+        draws: posterior draws for ArviZ and k̂ (a multiple of 4: four pseudo-chains).
         seed: seed of the fit and the draws.
         verbose: print the summary and the diagnostic.
         out_dir: directory for ``eight_schools.png`` (created); ``None`` (the default of the

@@ -58,7 +58,7 @@ from structvi.estimators import (
     DEFAULT_NUM_SAMPLES, Estimate, LogJoint, check_estimator, elbo, estimate,
 )
 from structvi.gaussian import StructuredGaussian
-from structvi.schedules import Plateau, TwoStage, check_int, default_config
+from structvi.schedules import Plateau, StructureDefault, TwoStage, check_int, default_config
 from structvi.structures import structure_from_spec
 
 __all__ = [
@@ -76,25 +76,32 @@ _LOG_2PI_E = 1.0 + math.log(2 * math.pi)
 def _mean_line_search(state: NGDState, est: Estimate, cfg: NGDConfig) -> NGDConfig:
     r"""Cap the mean step size by an exact line search on the local quadratic model.
 
-    The engine's mean step moves along ``−v``, ``v = K Kᵀ m_μ`` with ``m_μ = α_μ m_μ + g``. On
-    the model ``f(μ − βv) ≈ f(μ) − β gᵀv + ½β² vᵀĒv`` the best step is
+    The engine's plain mean step moves along ``−v``, ``v = K Kᵀ m_μ`` with ``m_μ = α_μ m_μ + g``.
+    On the model ``f(μ − βv) ≈ f(μ) − β gᵀv + ½β² vᵀĒv`` the best step is
     ``β* = gᵀv / vᵀĒv = (Kᵀg)ᵀu / uᵀ(KᵀĒK)u`` with ``u = Kᵀ m_μ``, estimated from the same
-    samples (:attr:`Estimate.quad_form`). Using ``min(β_μ, β*)`` keeps the mean stable when the
-    structured preconditioner ``K Kᵀ`` is far from ``Ē^{-1}``: from ``K = I`` on a stiff target,
-    and for sparse structures (a diagonal ``K`` makes the mean step a Jacobi iteration, which
-    diverges at ``β_μ = 1`` on correlated targets). With ``KᵀĒK = I`` (a converged dense
-    factor) ``β* = 1``: the step stays a Newton step. If the momentum direction points uphill
-    (``gᵀv ≤ 0``) the mean does not move this step. The search uses the pre-update factor while
-    the engine steps with the updated one; the two agree at convergence and the factor's trust
-    region bounds their difference. Costs two structured products.
+    samples (``est.quad_form``). The step is ``min(β_μ, β*)``; if the momentum direction points
+    uphill (``gᵀv ≤ 0``) or the model is not finite the mean does not move this step. The search
+    uses the pre-update factor while the engine steps with the updated one; the two agree at
+    convergence and the factor's trust region bounds their difference. Costs two structured
+    products, computed in float32 or wider whatever the factor's dtype, with ``u`` normalized
+    before the quadratic form (so a float16 factor cannot overflow it). With the CG mean step
+    (``cfg.mean_cg_iters > 0``) the direction already minimizes the model over its Krylov space
+    and the cap is not applied.
     """
-    K = state.factor
-    m_mu = cfg.alpha_mean * state.loc_momentum + est.stats.grad.to(state.loc_momentum.dtype)
-    u = K.rmatmul(m_mu.to(K.dtype))
-    slope = float(K.rmatmul(est.stats.grad.to(K.dtype)) @ u)
-    if not slope > 0:  # momentum points uphill (or g = 0): no mean step this time
+    if cfg.mean_cg_iters > 0:
+        return cfg
+    acc = engine.accumulation_dtype(state.loc.dtype, state.factor.dtype)
+    K = state.factor.to(acc) if state.factor.dtype != acc else state.factor
+    g = est.stats.grad.to(acc)
+    m_mu = cfg.alpha_mean * state.loc_momentum.to(acc) + g
+    u = K.rmatmul(m_mu)
+    slope = float(K.rmatmul(g) @ u)
+    norm = float(u.norm())
+    if not (slope > 0 and math.isfinite(slope) and math.isfinite(norm)):
+        return cfg.replace(lr_mean=0.0)  # uphill, g = 0, or not finite: no mean step this time
+    curv = float(est.quad_form(u / norm)) * norm * norm
+    if not math.isfinite(curv):
         return cfg.replace(lr_mean=0.0)
-    curv = float(est.quad_form(u))
     if not curv > 0 or slope >= cfg.beta_mean * curv:  # no curvature information, or no cap
         return cfg
     return cfg.replace(lr_mean=slope / curv)
@@ -214,8 +221,11 @@ class Fitter:
         return 0.5 * self.state.factor.dim * _LOG_2PI_E + self.log_abs_det
 
     def config_at(self, step: int) -> NGDConfig:
-        """The :class:`NGDConfig` used for the update after ``step`` accepted steps."""
+        """The :class:`NGDConfig` used for the update after ``step`` accepted steps (the default
+        resolves its per-structure step size against this fitter's factor)."""
         cfg = self._config
+        if isinstance(cfg, StructureDefault):
+            cfg = cfg.resolve(self.state.factor)
         if not isinstance(cfg, NGDConfig):
             cfg = cfg(step)
             if not isinstance(cfg, NGDConfig):
@@ -256,7 +266,10 @@ class Fitter:
         if est.stats is None:
             return self._fail(t0, est, "non_finite", 1)
         cfg = _mean_line_search(old, est, self.config_at(old.step))
-        prop = propose(old, est.stats, cfg, scale=self.step_scale, rule=self.step_rule,
+        stats = est.stats
+        if cfg.mean_cg_iters > 0:  # Hessian-vector products at the mean (float32 or wider)
+            stats = stats._replace(hvp=self._mean_hvp(old.loc))
+        prop = propose(old, stats, cfg, scale=self.step_scale, rule=self.step_rule,
                        values=est.log_joint, eps=est.eps, evaluate=self._evaluate,
                        temperature=self.temperature)
         if not prop.accepted:
@@ -298,6 +311,16 @@ class Fitter:
         if prop.tries > 1:
             self.record.num_backtracked += 1
         self.step_scale = min(1.0, prop.scale * 2.0) if prop.tries == 1 else prop.scale
+
+    def _mean_hvp(self, loc: Tensor) -> Callable[[Tensor], Tensor]:
+        """``v ↦ ∇²(−log_joint)(μ) v`` for the CG mean step (points in the target's dtype, the
+        products in float32 or wider; data parallel: ``Σ_r w_r`` of the ranks' products)."""
+        point = loc.to(engine.accumulation_dtype(loc.dtype))[None]
+        dtype = self.point_dtype
+        hvp = engine.target_hvp(lambda Z: self.log_joint(Z.to(dtype)).to(Z.dtype), point)
+        if self.data_parallel is None:
+            return hvp
+        return lambda v: self.data_parallel.reduce_values(hvp(v))
 
     def _evaluate(self, Z: Tensor) -> Tensor:
         """``log_joint`` at proposed points, without gradients, widened to the work dtype."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -47,3 +49,12 @@ def gen():
 def forbid_decompositions():
     with ForbidDecompositions():
         yield
+
+
+@pytest.fixture(autouse=True)
+def _fresh_pyro_param_store():
+    """Guides of one name share Pyro's param store (as in Pyro): every test starts empty."""
+    pyro = sys.modules.get("pyro")
+    if pyro is not None:
+        pyro.clear_param_store()
+    yield

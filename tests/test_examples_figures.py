@@ -26,7 +26,7 @@ def test_eight_schools_saves_marginals_against_nuts(tmp_path):
 
 
 def test_eight_schools_without_out_dir_skips_nuts():
-    assert load("eight_schools").main(steps=5, draws=50, verbose=False)["png"] is None
+    assert load("eight_schools").main(steps=5, draws=48, verbose=False)["png"] is None
 
 
 def test_train_digits_saves_training_curves(tmp_path, capsys):

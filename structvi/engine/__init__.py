@@ -9,10 +9,20 @@ from structvi.engine.ngd import (
     mean_step,
     step,
 )
+from structvi.engine.mean_solver import (
+    accumulation_dtype,
+    plain_direction,
+    target_hvp,
+    trust_region_cg,
+)
 from structvi.engine.retraction import RETRACTIONS, apply_retraction, expm, first_order, quadratic
 
 __all__ = [
     "RETRACTIONS",
+    "accumulation_dtype",
+    "plain_direction",
+    "target_hvp",
+    "trust_region_cg",
     "NGDConfig",
     "NGDState",
     "NGDStats",

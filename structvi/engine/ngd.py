@@ -16,10 +16,29 @@ The mean step uses the **updated** factor (the Bayesian-learning-rule order): it
 pre-update order at O(β²) and makes a step with exact curvature a Newton step. No inverse,
 solve or decomposition is used: ``h`` and the mean step are matrix products.
 
+**Which steps are Newton steps.** With exact curvature (the ``hessian`` estimator on a quadratic
+target) and ``β_K = 1`` the factor step is a Newton step — quadratic convergence, the linearized
+map has spectral radius ``1 − β_K`` — for every structure whose ``Π̂`` is the metric projection
+of its own pattern (dense, triangular, block-diagonal, diagonal, low-rank, hierarchical:
+``Structure.newton_step``). It is not for ``triangular_toeplitz`` and ``kronecker`` (and a
+``block_sites`` holding one), whose patterns are averages: there the factor step converges
+linearly, and ``β_K = 1`` can even oscillate (Toeplitz: spectral radius 1.2–1.4 on a
+condition-1e4 Gaussian). ``Structure.default_step_size()`` is the largest measured-stable step,
+used by :func:`structvi.schedules.default_config`.
+
+The plain mean step is a Newton step only when ``K Kᵀ = Ē⁻¹`` (a full structure at its optimum).
 With a sparse structure ``K Kᵀ`` is not ``Ē⁻¹`` even at the optimum, and ``β_μ = 1`` can
-diverge (a diagonal ``K`` makes the mean step a Jacobi iteration). :func:`structvi.fit` caps
-``β_μ`` each step by an exact line search on the local quadratic model; callers of this bare
-step should pass a smaller ``lr_mean`` or do the same.
+diverge (a diagonal ``K`` makes the mean step a Jacobi iteration). Two remedies:
+
+* ``mean_cg_iters = k > 0`` with Hessian-vector products in ``NGDStats.hvp``: the direction is
+  ``k`` steps of conjugate gradients on ``Ē v = m_μ`` preconditioned by ``K Kᵀ``
+  (:mod:`structvi.engine.mean_solver`), a Newton step for any structure once ``k`` is large
+  enough; :func:`structvi.fit` supplies the products by double backward through ``log_joint``.
+* otherwise :func:`structvi.fit` caps ``β_μ`` each step by an exact line search on the local
+  quadratic model; callers of this bare step should pass a smaller ``lr_mean`` or do the same.
+
+``mean_trust_region = Δ`` bounds every mean step by ``‖K⁻¹ Δμ‖ ≤ Δ`` (at most ``Δ`` standard
+deviations of ``q``), computed without an inverse.
 """
 
 from __future__ import annotations
@@ -27,11 +46,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
+from structvi.engine.mean_solver import plain_direction, trust_region_cg
 from structvi.engine.retraction import check_retraction
 from structvi.structures.base import Structure
 from structvi.structures.registry import structure_from_spec
@@ -60,6 +81,13 @@ class NGDConfig:
         trust_region: ``c`` in ``β_eff = min(β_K, c/‖m_K‖_∞)``; ``None`` disables the cap.
             MATH §2.6: without it a stiff target diverges from ``K = I``.
         temperature: ``τ`` (1 is the ELBO; MATH (2.1)).
+        mean_cg_iters: ``k``: conjugate-gradient iterations of the mean step when the statistics
+            carry Hessian-vector products (``NGDStats.hvp``); ``0`` is the plain step
+            ``K Kᵀ m_μ`` (module doc).
+        mean_cg_tol: forcing term ``η`` of the CG mean step (inexact Newton): stop once the
+            preconditioned residual ``rᵀ K Kᵀ r`` is below ``η²`` times its starting value.
+        mean_trust_region: ``Δ``: every mean step moves at most ``Δ`` standard deviations of
+            ``q`` (``‖K⁻¹ Δμ‖ ≤ Δ``); ``None`` disables the cap.
     """
 
     lr: float = 0.1
@@ -69,6 +97,9 @@ class NGDConfig:
     retraction: str = "quadratic"
     trust_region: float | None = 1.0
     temperature: float = 1.0
+    mean_cg_iters: int = 0
+    mean_cg_tol: float = 0.1
+    mean_trust_region: float | None = None
 
     def __post_init__(self) -> None:
         _check_nonneg("lr", self.lr, strict=True)
@@ -81,6 +112,12 @@ class NGDConfig:
         if self.trust_region is not None:
             _check_nonneg("trust_region", self.trust_region, strict=True)
         _check_nonneg("temperature", self.temperature)
+        k = self.mean_cg_iters
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"mean_cg_iters must be an integer >= 0, got mean_cg_iters={k!r}")
+        _check_nonneg("mean_cg_tol", self.mean_cg_tol, upper=1.0)
+        if self.mean_trust_region is not None:
+            _check_nonneg("mean_trust_region", self.mean_trust_region, strict=True)
 
     @property
     def beta_mean(self) -> float:
@@ -96,11 +133,13 @@ class NGDConfig:
 
 
 class NGDStats(NamedTuple):
-    """Statistics of one step: ``grad = E_q[∇f]`` (shape ``(d,)``) and
-    ``curvature = Π̂(Kᵀ Ē K)`` (a coordinate element of the factor's structure)."""
+    """Statistics of one step: ``grad = E_q[∇f]`` (shape ``(d,)``),
+    ``curvature = Π̂(Kᵀ Ē K)`` (a coordinate element of the factor's structure) and, optionally,
+    ``hvp: v ↦ Ē v`` (Hessian-vector products of the target) for the CG mean step."""
 
     grad: Tensor
     curvature: Structure
+    hvp: Callable[[Tensor], Tensor] | None = None
 
 
 class NGDState(NamedTuple):
@@ -179,12 +218,24 @@ def factor_step(
 
 
 def mean_step(
-    loc: Tensor, loc_momentum: Tensor, grad: Tensor, factor: Structure, *, lr: float, alpha: float
+    loc: Tensor, loc_momentum: Tensor, grad: Tensor, factor: Structure, *, lr: float, alpha: float,
+    hvp: Callable[[Tensor], Tensor] | None = None, cg_iters: int = 0, cg_tol: float = 0.1,
+    trust_region: float | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """``m_μ ← α m_μ + g``; ``μ ← μ − lr K Kᵀ m_μ`` (no solve)."""
+    """``m_μ ← α m_μ + g``; ``μ ← μ − lr v`` (no solve).
+
+    ``v = K Kᵀ m_μ`` (the plain step), or, with ``hvp`` and ``cg_iters > 0``, up to ``cg_iters``
+    steps of CG on ``Ē v = m_μ`` preconditioned by ``K Kᵀ`` (relative tolerance ``cg_tol``);
+    ``‖K⁻¹ v‖ ≤ trust_region`` either way. The direction is computed in float32 or wider and rounded once into ``loc``'s dtype.
+    """
     m_mu = alpha * loc_momentum + grad.to(loc_momentum.dtype)
-    direction = factor.matmul(factor.rmatmul(m_mu.to(factor.dtype)))
-    return loc - lr * direction.to(loc.dtype), m_mu
+    if hvp is not None and cg_iters > 0:
+        direction = trust_region_cg(hvp, m_mu, factor, iters=cg_iters, radius=trust_region,
+                                    rtol=cg_tol)
+    else:
+        direction = plain_direction(m_mu, factor, trust_region)
+    new = loc.to(direction.dtype) - lr * direction
+    return new.to(loc.dtype), m_mu
 
 
 def step(state: NGDState, stats: NGDStats, config: NGDConfig) -> NGDState:
@@ -203,6 +254,8 @@ def step(state: NGDState, stats: NGDStats, config: NGDConfig) -> NGDState:
     )
     loc, m_mu = mean_step(
         state.loc, state.loc_momentum, stats.grad, K_new,
-        lr=config.beta_mean, alpha=config.alpha_mean,
+        lr=config.beta_mean, alpha=config.alpha_mean, hvp=stats.hvp,
+        cg_iters=config.mean_cg_iters, cg_tol=config.mean_cg_tol,
+        trust_region=config.mean_trust_region,
     )
     return NGDState(loc, K_new, m_K, m_mu, state.step + 1)

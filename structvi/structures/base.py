@@ -23,6 +23,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from structvi.structures.retraction import apply_retraction
+
 __all__ = ["NaiveFallbackWarning", "Structure"]
 
 
@@ -44,6 +46,14 @@ class Structure:
     """
 
     name: ClassVar[str] = ""
+    #: Whether a factor step with exact curvature and step size 1 is a Newton step (the
+    #: linearized VI fixed-point map has spectral radius ``1 − β``): true when ``Π̂`` is the
+    #: metric projection of the structure's own pattern. Structures whose coordinates average
+    #: over a pattern (Toeplitz diagonals, Kronecker partial traces) set it to ``False``.
+    newton_step: ClassVar[bool] = True
+    #: The factor step size the default VI schedules use (:meth:`default_step_size`): 1 for
+    #: Newton structures, a smaller measured-stable value for the others.
+    stable_step_size: ClassVar[float] = 1.0
 
     def __init__(self, dim: int, tensors: Mapping[str, Tensor], **options: Any) -> None:
         self.options = self.check_options(dim, **options)
@@ -161,6 +171,15 @@ class Structure:
     def coord_identity(self) -> Structure:
         """``Π̂(I)``, the coordinate element of the identity matrix (MATH §1.4)."""
         return self.identity_like()
+
+    def default_step_size(self) -> float:
+        """Factor step size of the default VI configuration (``stable_step_size``; see
+        :func:`structvi.schedules.default_config`)."""
+        return float(self.stable_step_size)
+
+    def is_newton(self) -> bool:
+        """Whether step size 1 with exact curvature is a Newton step (``newton_step``)."""
+        return bool(self.newton_step)
 
     def __repr__(self) -> str:
         opts = "".join(f", {k}={v}" for k, v in self.options.items())
@@ -309,9 +328,8 @@ class Structure:
         return torch.linalg.slogdet(self.to_dense().double())[1].to(self.dtype)
 
     def retract(self, M: Structure, retraction: str = "quadratic") -> Structure:
-        """``K h(M)`` for a coordinate element ``M`` (MATH §1.2); see :mod:`structvi.engine`."""
-        from structvi.engine.retraction import apply_retraction
-
+        """``K h(M)`` for a coordinate element ``M`` (MATH §1.2); see
+        :mod:`structvi.structures.retraction`."""
         return self.compose(apply_retraction(M, retraction))
 
 

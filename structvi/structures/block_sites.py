@@ -115,6 +115,14 @@ class BlockSites(Structure):
         specs = [b.spec() for b in blocks]
         return cls(sum(b.dim for b in blocks), tensors, blocks=specs)
 
+    def default_step_size(self) -> float:
+        """The smallest of the blocks' default step sizes (one step size serves all blocks)."""
+        return min(b.default_step_size() for b in self.blocks)
+
+    def is_newton(self) -> bool:
+        """A Newton step when every block's is."""
+        return all(b.is_newton() for b in self.blocks)
+
     def _map(self, fn, *others: BlockSites) -> BlockSites:
         """A new ``BlockSites`` whose block ``i`` is ``fn(self.blocks[i], others[..][i])``."""
         parts = [fn(b, *(o.blocks[i] for o in others)) for i, b in enumerate(self.blocks)]

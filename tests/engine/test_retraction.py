@@ -75,3 +75,32 @@ def test_first_order_can_be_singular():
 def test_unknown_retraction_lists_valid_names():
     with pytest.raises(ValueError, match=r"retraction must be one of .*'cayley'"):
         check_retraction("cayley")
+
+
+def test_structures_do_not_import_engine():
+    """No import cycle: ``structures`` owns the retractions; ``engine`` imports ``structures``,
+    never the reverse (not even lazily inside a function)."""
+    import ast
+    import pathlib
+
+    import structvi.structures as pkg
+
+    offenders = []
+    for path in pathlib.Path(pkg.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            offenders += [f"{path.name}: {n}" for n in names if n.startswith("structvi.engine")]
+    assert offenders == []
+
+
+def test_engine_reexports_the_structures_retractions():
+    import structvi.engine.retraction as eng
+    import structvi.structures.retraction as own
+
+    for name in own.RETRACTIONS:
+        assert getattr(eng, name) is getattr(own, name)
+    assert eng.apply_retraction is own.apply_retraction
