@@ -29,6 +29,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "bayesian_digits": ("benchmarks.bayesian_digits", "file"),
     "ddp_scaling": ("benchmarks.ddp_scaling", "dir"),
     "real_models": ("benchmarks.real_models", "dir"),
+    "fault_sweep": ("benchmarks.fault_sweep", "dir"),
+    "sparse_convergence": ("benchmarks.sparse_convergence", "dir"),
 }
 ALIASES = {"vi": "vi_vs_pyro", "optim": "optim_digits", "pyro": "pyro_path"}
 
