@@ -6,7 +6,7 @@ other kernels (tensor cores, reduced-precision accumulation):
 * **VI, long runs.** ``fit`` on a stiff Gaussian target (condition 1e3, d = 16) for every VI
   structure, with the factor in float32, bfloat16 and float16 (``hessian`` estimator, exact
   curvature): the KL to the target (the family's gap included: compare dtypes within a
-  structure) after 100 steps and after 2,000; a low-precision run must stay finite and must
+  structure) after 100 steps and at the end (`--steps`, default 2,000); a low-precision run must stay finite and must
   not drift (KL at the end no worse than after 100 steps).
 * **Optimizer.** The digits MLP and CNN trained with ``StructuredNGD`` (defaults) in float32,
   with bf16 parameters (fp32 factors), and under fp16 autocast with ``GradScaler``; the same
@@ -188,11 +188,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="few steps and epochs")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", default=None, help="directory (default benchmarks/results)")
+    parser.add_argument("--steps", type=int, default=None, help="VI steps (default 2000)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("gpu_checks: CUDA is not available (use --device cpu --quick to check "
                          "the script)")
     steps, epochs = (300, 1) if args.quick else (2_000, 5)
+    steps = args.steps or steps
     out = Path(args.out or ("benchmarks/results/quick" if args.quick else "benchmarks/results"))
     out.mkdir(parents=True, exist_ok=True)
     vi = []
@@ -206,14 +208,20 @@ def main(argv: list[str] | None = None) -> None:
                            "stopped": f"error: {type(err).__name__}: {err}"[:120],
                            "seconds": 0.0})
             print(vi[-1], flush=True)
+            write(out, vi, [], args.device)
     train = []
     for kind in ("mlp", "cnn"):
         for mode in ("fp32", "bf16", "fp16-amp", "variational-bf16"):
             train.append(train_run(kind, mode, epochs, args.device))
             print(train[-1], flush=True)
-    (out / "gpu_checks.json").write_text(json.dumps({"vi": vi, "train": train}, indent=1))
-    (out / "gpu_checks.md").write_text(markdown(vi, train, args.device))
+            write(out, vi, train, args.device)
     print(markdown(vi, train, args.device))
+
+
+def write(out: Path, vi: list[dict], train: list[dict], device: str) -> None:
+    """Results so far (rewritten after every run: a run cut short keeps what it measured)."""
+    (out / "gpu_checks.json").write_text(json.dumps({"vi": vi, "train": train}, indent=1))
+    (out / "gpu_checks.md").write_text(markdown(vi, train, device))
 
 
 if __name__ == "__main__":
