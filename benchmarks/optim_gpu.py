@@ -26,8 +26,8 @@ from benchmarks.optim_digits import hierarchical_groups, state_bytes
 from structvi.optim import StructuredNGD
 
 # the published INGD/SINGD update (no normalization, absolute damping), as singd runs it
-NGD = dict(T=10, lr_cov=0.05, damping=1e-3, alpha1=0.5, momentum=0.9, lr=1e-3,
-           relative_damping=False, normalize_preconditioner=False, diagonal_lr_ratio=1.0)
+SHARED = dict(T=10, lr_cov=0.05, damping=1e-3, alpha1=0.5, momentum=0.9, lr=1e-3)
+NGD = dict(SHARED, relative_damping=False, normalize_preconditioner=False, diagonal_lr_ratio=1.0)
 
 
 def vgg(width: int = 64, classes: int = 100) -> nn.Module:
@@ -86,6 +86,7 @@ def optimizers() -> dict:
         "NGD-diagonal": lambda m: StructuredNGD(m, structures="diagonal", **NGD),
         "NGD-diagonal-fp32-factors": lambda m: StructuredNGD(
             m, structures="diagonal", preconditioner_dtype=(torch.float32, torch.float32), **NGD),
+        "NGD-dense-defaults": lambda m: StructuredNGD(m, structures="dense"),
     }
     try:
         from singd.optim.optimizer import SINGD
@@ -93,7 +94,7 @@ def optimizers() -> dict:
         return table
     for s in ("dense", "diagonal"):
         table[f"SINGD-{s}"] = lambda m, s=s: SINGD(m, structures=(s, s), warn_unsupported=False,
-                                                    **NGD)
+                                                    **SHARED)
     return table
 
 
