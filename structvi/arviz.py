@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from structvi.psis import khat_threshold
+from structvi.psis import _gpd_fit, khat_threshold
 
 __all__ = ["gpd_khat", "khat_threshold", "pareto_khat", "pointwise_khat", "psis_khat",
            "to_inference_data"]
@@ -68,15 +68,7 @@ def gpd_khat(tail: np.ndarray) -> float:
     n = x.size
     if n < 5:
         raise ValueError(f"gpd_khat needs at least 5 tail values, got {n}")
-    m = 30 + int(math.sqrt(n))
-    quartile = x[max(int(n / 4 + 0.5) - 1, 0)]
-    theta = 1.0 / x[-1] + (1.0 - np.sqrt(m / (np.arange(1, m + 1) - 0.5))) / (3.0 * quartile)
-    k = np.log1p(-theta[:, None] * x).mean(axis=1)
-    loglik = n * (np.log(-theta / k) - k - 1.0)
-    w = np.exp(loglik - loglik.max())
-    theta_hat = float((theta * w).sum() / w.sum())
-    k_hat = float(np.log1p(-theta_hat * x).mean())
-    return (n * k_hat + 10 * 0.5) / (n + 10)
+    return _gpd_fit(x)[0]
 
 
 def _khat_numpy(log_w: np.ndarray) -> float:
