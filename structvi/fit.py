@@ -26,10 +26,14 @@ so far as ``err.fit_result``. Mean, momenta, statistics, line search and accepta
 float32 or wider; only the stored factor keeps a low-precision dtype. The whole step, ELBO monitor
 included, is matrix products only (``log|det K|`` is tracked through the retractions).
 
-**Step sizes.** The engine caps the factor step by its trust region (MATH §2.6); the fitter caps
-the mean step size by an exact line search on the local quadratic model
-(:func:`_mean_line_search`), which keeps the mean from overshooting while the factor adapts and
-for sparse structures, and leaves a Newton step unchanged.
+**Step sizes** (docs/vi_defaults.md). The engine caps the factor step by its trust region; the
+default configuration (:func:`structvi.schedules.default_config`) gives each structure a factor
+step size that converges for it (1, a Newton step, for the dense, triangular and block families;
+0.5 for Toeplitz; 0.9 for Kronecker) and takes the mean step by a few conjugate-gradient
+iterations with Hessian-vector products of the target at the mean, preconditioned by ``K Kᵀ`` and
+bounded by a trust region of 5 standard deviations of ``q``. With ``mean_cg_iters = 0`` the
+fitter instead caps the plain mean step by an exact line search on the local quadratic model
+(:func:`_mean_line_search`), which leaves a Newton step unchanged.
 """
 
 from __future__ import annotations
