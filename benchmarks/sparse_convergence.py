@@ -50,6 +50,7 @@ from torch import Tensor
 from structvi.engine import NGDConfig
 from structvi.fit import Fitter, TwoStage
 from structvi.gaussian import StructuredGaussian
+from tests.test_sparse_convergence import collinear_regression
 
 F64 = torch.float64
 INIT_SCALE = 0.1
@@ -69,18 +70,8 @@ class Problem:
 
 
 def collinear(n: int = 5000, p: int = 24, noise: float = 0.01, seed: int = 0) -> Problem:
-    g = torch.Generator().manual_seed(seed)
-    f = torch.randn(n, 1, generator=g, dtype=F64)
-    X = torch.cat([f + noise * torch.randn(n, p, generator=g, dtype=F64),
-                   torch.ones(n, 1, dtype=F64)], dim=1)
-    y = X @ torch.randn(p + 1, generator=g, dtype=F64) + torch.randn(n, generator=g, dtype=F64)
-    prior = 1.0 / 25.0
-    H = X.T @ X + prior * torch.eye(p + 1, dtype=F64)
-    m = torch.linalg.solve(H, X.T @ y)
-
-    def log_joint(W: Tensor) -> Tensor:
-        return -0.5 * (y - W @ X.T).square().sum(-1) - 0.5 * prior * W.square().sum(-1)
-
+    """The collinear regression of tests/test_sparse_convergence.py (one definition)."""
+    log_joint, H, m = collinear_regression(n, p, noise, seed)
     return Problem("collinear", p + 1, log_joint, (H, m))
 
 

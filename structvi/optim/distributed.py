@@ -62,7 +62,6 @@ from structvi.optim import kfac
 from structvi.optim.ddp_hooks import (
     first_tensor, loss_terms, step_pre_hook, weighted_allreduce_hook,
 )
-from structvi.optim.state import store_product, write_structure
 from structvi.structures.base import Structure
 from structvi.structures.registry import structure_from_spec
 
@@ -370,13 +369,7 @@ class DataParallelReducer:
 
 
 def _write_factors(optimizer: Any, layer: kfac.Layer, factors: F.FactorState) -> None:
-    state = optimizer.state[layer.weight]
-    for key in ("K", "C", "m_K", "m_C"):
-        if getattr(factors, key) is not None:
-            write_structure(state, key, getattr(factors, key))
-    store_product(state, "K", factors.K)
-    store_product(state, "C", factors.C)
-    optimizer._factor_cache[layer.weight] = factors
+    optimizer._store_factors(layer, factors)
 
 
 def _unpack_structure(flat: Tensor, offset: int, like: Structure) -> tuple[Structure, int]:

@@ -544,13 +544,19 @@ class StructuredNGD(Lifecycle, Optimizer):
             normalize_lr_cov=group["normalize_lr_cov"], retraction=group["retraction"],
             trust_region=group["trust_region"], relative_damping=group["relative_damping"],
         )
-        for key in ("K", "C", "m_K", "m_C"):
-            if getattr(new, key) is not None:
-                write_structure(state, key, getattr(new, key))
-        store_product(state, "K", new.K)
-        store_product(state, "C", new.C)
-        self._factor_cache[layer.weight] = new
+        self._store_factors(layer, new)
         return new
+
+    def _store_factors(self, layer: kfac.Layer, factors: F.FactorState) -> None:
+        """Write a layer's factors and momenta (and the ``K Kᵀ``, ``C Cᵀ`` products) to its
+        state and the factor cache."""
+        state = self.state[layer.weight]
+        for key in ("K", "C", "m_K", "m_C"):
+            if getattr(factors, key) is not None:
+                write_structure(state, key, getattr(factors, key))
+        store_product(state, "K", factors.K)
+        store_product(state, "C", factors.C)
+        self._factor_cache[layer.weight] = factors
 
     def _momentum_buffer(self, param: Tensor, group: dict[str, Any]) -> Tensor | None:
         if group["momentum"] == 0.0:

@@ -273,10 +273,7 @@ class VariationalNGD(StructuredNGD):
         E = self._noise(layer.weight, (C.dim, K.dim), C.dtype, layer.weight.device, generator,
                         flip, keep)
         CE = C.matmul(E)
-        if K.name == "dense":  # (CE) Kᵀ in one product
-            noise = CE.to(K.dtype) @ K.to_dense().T
-        else:
-            noise = K.matmul(CE.T.to(K.dtype)).T
+        noise = K.matmul(CE.T.to(K.dtype)).T  # (C E) Kᵀ = (K (C E)ᵀ)ᵀ, any structure of K
         rho = self.rho(group)
         weight_noise = noise if layer.bias is None else noise[:, :-1]
         self._swap(layer.weight, weight_noise.reshape(layer.weight.shape), rho)
