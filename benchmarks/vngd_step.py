@@ -1,0 +1,119 @@
+"""Per-step cost of VariationalNGD and StructuredNGD over IVON's on the digits models.
+
+One training step (``zero_grad``, a training draw where the method has one, forward, backward,
+``step``) of the digits MLP (64-128-128-10) and CNN of ``benchmarks/bayesian_digits.py``, batch
+64, in float32 and with bf16 parameters, for IVON, StructuredNGD-dense (non-variational) and
+VariationalNGD with dense and diagonal factors (the configurations of the bayesian_digits table;
+``T = 10``, so every timed window holds the same number of preconditioner updates). All
+(model, precision, method) configurations are timed interleaved, round after round, and each
+keeps its fastest round: robust to load on a shared machine. Reported: milliseconds per step
+and the ratio to IVON's at the same model and precision (issue 14's goal: VariationalNGD
+≤ 1.5× IVON).
+
+Run: ``python -m benchmarks.vngd_step [--quick]`` → ``benchmarks/results/vngd_step.{json,md}``
+(``--quick``: ``benchmarks/results/quick/``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from benchmarks.bayesian_digits import METHODS, MODELS, train_step
+from benchmarks.optim_digits import digits_split
+
+# the configurations reported in benchmarks/results/bayesian_digits.md
+CONFIGS = {
+    "IVON": dict(lr=0.3),
+    "StructuredNGD-dense": dict(lr=1e-2),
+    "VariationalNGD-dense": dict(lr=1e-2, prior_precision=3.0, temperature=0.3),
+    "VariationalNGD-diagonal": dict(lr=5e-3, prior_precision=30.0, temperature=0.1),
+}
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def build(batch: int = 64) -> dict[tuple[str, str, str], tuple]:
+    """Every (model, precision, method): ``(model, optimizer, x, y)`` after seed 0."""
+    data = digits_split(0)
+    X, y = data["train"][0][:batch], data["train"][1][:batch]
+    configs = {}
+    for model_name, make_model in MODELS.items():
+        for precision, dtype in PRECISIONS.items():
+            for method, cfg in CONFIGS.items():
+                torch.manual_seed(0)
+                model = make_model().to(dtype)
+                opt = METHODS[method][0](model, cfg, 1200)
+                configs[model_name, precision, method] = (model, opt, X.to(dtype), y)
+    return configs
+
+
+def time_steps(configs: dict, steps: int, rounds: int, warmup: int = 10) -> dict:
+    """Fastest-of-``rounds`` seconds per step of every configuration, interleaved."""
+    for model, opt, x, y in configs.values():
+        for _ in range(warmup):
+            train_step(model, opt, x, y)
+    times: dict = {key: [] for key in configs}
+    for _ in range(rounds):
+        for key, (model, opt, x, y) in configs.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                train_step(model, opt, x, y)
+            times[key].append((time.perf_counter() - start) / steps)
+    return {key: min(t) for key, t in times.items()}
+
+
+def rows(best: dict) -> list[dict]:
+    """One row per configuration with its ratio to IVON's at the same model and precision."""
+    out = []
+    for (model_name, precision, method), seconds in best.items():
+        ivon = best[model_name, precision, "IVON"]
+        out.append(dict(model=model_name, precision=precision, method=method,
+                        ms_per_step=1e3 * seconds, over_ivon=seconds / ivon))
+    return out
+
+
+def markdown(table: list[dict]) -> str:
+    lines = ["Per-step time (fastest of interleaved rounds) and its ratio to IVON's at the same "
+             "model and precision. Goal (issue 14): VariationalNGD ≤ 1.5× IVON.", "",
+             "| model | precision | method | ms / step | step / IVON |", "|---|---|---|---|---|"]
+    for r in table:
+        lines.append(f"| {r['model']} | {r['precision']} | {r['method']} | "
+                     f"{r['ms_per_step']:.3f} | {r['over_ivon']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer steps and rounds")
+    parser.add_argument("--steps", type=int, default=None, help="steps per round (multiple of 10)")
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=None, help="JSON path (default by mode)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", message=".*no statistics were recorded.*")
+    steps, rounds = (10, 3) if args.quick else (20, 9)
+    steps, rounds = args.steps or steps, args.rounds or rounds
+    default = "benchmarks/results/" + ("quick/" if args.quick else "") + "vngd_step.json"
+    out = Path(args.out or default)
+    table = rows(time_steps(build(), steps, rounds))
+    config = dict(quick=args.quick, steps=steps, rounds=rounds, batch=64, configs=CONFIGS,
+                  torch=torch.__version__, threads=torch.get_num_threads(),
+                  machine=platform.processor() or platform.machine())
+    result = dict(config=config, results=table)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    text = markdown(table)
+    out.with_suffix(".md").write_text(text)
+    print(text)
+    return result
+
+
+if __name__ == "__main__":
+    main()
