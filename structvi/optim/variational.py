@@ -37,6 +37,10 @@ __all__ = ["VariationalNGD"]
 _HALF = (torch.bfloat16, torch.float16)
 
 
+def _cast(x: Tensor, dtype: torch.dtype) -> Tensor:
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 class _SampleAveraged:
     """Kronecker statistics of ``M`` training draws, averaged over the draws.
 
@@ -151,6 +155,8 @@ class VariationalNGD(StructuredNGD):
         self.mc_samples, self.antithetic = mc_samples, antithetic
         self._means: dict[Tensor, Tensor] = {}  # parameter → its mean while a draw is in place
         self._grad_sum: dict[Tensor, Tensor] = {}
+        self._borrowed: dict[Tensor, Tensor] = {}  # p → the draw's p.grad kept uncopied
+        self._synced: dict[Tensor, tuple] = {}  # p → (master, version, data) when p = master
         self._last_noise: dict[Tensor, Tensor] = {}  # antithetic: the previous draw's noise
         self._train_draws = 0
         half = any(p.dtype in _HALF for p in model.parameters() if p.requires_grad)
@@ -238,24 +244,24 @@ class VariationalNGD(StructuredNGD):
 
     @torch.no_grad()
     def _draw(self, generator: torch.Generator | None, *, flip: bool, keep: bool) -> None:
-        done: set[Tensor] = set()
-        for group, p in self._params():
-            if p in done or not p.requires_grad:
-                continue
-            layer = self._layers.get(p)
-            if layer is not None:
-                self._draw_layer(layer, group, generator, flip, keep)
-                done.update(q for q in (layer.weight, layer.bias) if q is not None)
-            elif p not in self._biases or self._biases[p].weight not in self._layers:
-                self._draw_diagonal(p, group, generator, flip, keep)
-                done.add(p)
+        layers, biases = self._layers, self._biases
+        for group in self.param_groups:
+            rho = self.rho(group)
+            for p in group["params"]:
+                if not p.requires_grad or p in self._means:
+                    continue
+                layer = layers.get(p)
+                if layer is not None:
+                    self._draw_layer(layer, rho, generator, flip, keep)
+                elif p not in biases or biases[p].weight not in layers:
+                    self._draw_diagonal(p, group, rho, generator, flip, keep)
 
     def _noise(self, key: Tensor, shape: tuple[int, ...], dtype: torch.dtype,
                device: torch.device, generator: torch.Generator | None, flip: bool, keep: bool
                ) -> Tensor:
         if flip and key in self._last_noise:
             return -self._last_noise.pop(key)
-        if generator is not None and generator.device.type != torch.device(device).type:
+        if generator is not None and generator.device.type != device.type:
             # e.g. a CPU generator for CUDA parameters: draw where the generator lives
             E = torch.randn(shape, dtype=dtype, device=generator.device,
                             generator=generator).to(device)
@@ -265,22 +271,27 @@ class VariationalNGD(StructuredNGD):
             self._last_noise[key] = E
         return E
 
-    def _draw_layer(self, layer: kfac.Layer, group: dict[str, Any],
-                    generator: torch.Generator | None, flip: bool, keep: bool) -> None:
-        """``W = μ + ρ C E Kᵀ`` (``E`` standard normal, shape ``d_o × d_K``)."""
+    def _draw_layer(self, layer: kfac.Layer, rho: float, generator: torch.Generator | None,
+                    flip: bool, keep: bool) -> None:
+        """``W = μ + ρ C E Kᵀ`` (``E`` standard normal, shape ``d_o × d_K``).
+
+        Computed as ``C (K Eᵀ)ᵀ``: two structure products on views (no transposed copy), the
+        result contiguous in the ``[W, b]`` layout, so the weight's part is a view of it.
+        """
         factors = self._factors(layer)
         K, C = factors.K, factors.C
         E = self._noise(layer.weight, (C.dim, K.dim), C.dtype, layer.weight.device, generator,
                         flip, keep)
-        CE = C.matmul(E)
-        noise = K.matmul(CE.T.to(K.dtype)).T  # (C E) Kᵀ = (K (C E)ᵀ)ᵀ, any structure of K
-        rho = self.rho(group)
-        weight_noise = noise if layer.bias is None else noise[:, :-1]
-        self._swap(layer.weight, weight_noise.reshape(layer.weight.shape), rho)
-        if layer.bias is not None:
+        EKt = K.matmul(_cast(E.T, K.dtype)).T  # E Kᵀ = (K Eᵀ)ᵀ, any structure of K
+        noise = C.matmul(_cast(EKt, C.dtype))
+        weight = layer.weight
+        if layer.bias is None:
+            self._swap(weight, noise.view(weight.shape), rho)
+        else:
+            self._swap(weight, noise[:, :-1].reshape(weight.shape), rho)
             self._swap(layer.bias, noise[:, -1], rho)
 
-    def _draw_diagonal(self, p: Tensor, group: dict[str, Any],
+    def _draw_diagonal(self, p: Tensor, group: dict[str, Any], rho: float,
                        generator: torch.Generator | None, flip: bool, keep: bool) -> None:
         """``θ + ρ ε / √(h + λ)`` with ``h = v + β^t`` (1 before the first step)."""
         state = self.state.get(p, {})
@@ -291,7 +302,7 @@ class VariationalNGD(StructuredNGD):
             h = state["exp_avg_sq"].to(dtype) + group["beta2"] ** t
         std = (h + group["damping"]).rsqrt()
         E = self._noise(p, tuple(p.shape), dtype, p.device, generator, flip, keep)
-        self._swap(p, E * std, self.rho(group))
+        self._swap(p, E * std, rho)
 
     def _swap(self, p: Tensor, noise: Tensor, scale: float) -> None:
         """Keep ``p``'s mean tensor aside and give ``p`` a new tensor ``mean + scale·noise``
@@ -300,49 +311,108 @@ class VariationalNGD(StructuredNGD):
         self._means[p] = mean
         master = self._master(p)
         if master is not None:
-            p.data = torch.add(master.to(noise.dtype), noise, alpha=scale).to(mean.dtype)
+            p.data = torch.add(_cast(master, noise.dtype), noise, alpha=scale).to(mean.dtype)
         elif noise.dtype == mean.dtype:
             p.data = torch.add(mean, noise, alpha=scale)
         else:  # low-precision parameter: add in the noise's (wider) dtype, round once
             p.data = torch.add(mean.to(noise.dtype), noise, alpha=scale).to(mean.dtype)
 
     def _collect_gradients(self) -> None:
-        for _, p in self._params():
-            if p.grad is None:
-                continue
-            total = self._grad_sum.get(p)
-            if total is None:  # a copy: zeroing in place before the next draw must not erase it
-                self._grad_sum[p] = p.grad.detach().clone()
-            else:
-                total.add_(p.grad)
+        """Keep this draw's gradients for :meth:`step`.
+
+        The first draw's gradient tensors are kept by reference (no copy: with one draw per
+        step, the usual case, they are used as they are); a later draw adds its gradients to
+        a copy. Zeroing the gradients in place between draws would erase a kept tensor:
+        :meth:`zero_grad` copies them first, and a kept tensor that is still ``p.grad`` at the
+        next draw's end is reported (see :meth:`_check_borrowed`).
+        """
+        grad_sum, borrowed = self._grad_sum, self._borrowed
+        first = self._train_draws == 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                grad = p.grad
+                if grad is None:
+                    continue
+                total = grad_sum.get(p)
+                if total is None:
+                    grad_sum[p] = grad.detach() if first else grad.detach().clone()
+                    if first:
+                        borrowed[p] = grad
+                elif p in borrowed:
+                    self._check_borrowed(p, grad)
+                    del borrowed[p]
+                    grad_sum[p] = total + grad
+                else:
+                    total.add_(grad)
         self._train_draws += 1
+
+    def _check_borrowed(self, p: Tensor, grad: Tensor) -> None:
+        if self._borrowed[p] is grad:
+            raise RuntimeError(
+                "VariationalNGD: a parameter's gradient tensor of the previous training draw "
+                "was zeroed or accumulated in place before this draw (e.g. "
+                "model.zero_grad(set_to_none=False) or p.grad.zero_()); the draws' gradients "
+                "cannot be averaged. Zero the gradients between draws with "
+                "optimizer.zero_grad() (either set_to_none) or set them to None")
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As :meth:`torch.optim.Optimizer.zero_grad`; with ``set_to_none=False`` the gradients
+        kept from the step's previous training draws are copied before they are zeroed."""
+        if not set_to_none:
+            for p, grad in list(self._borrowed.items()):
+                if p.grad is grad:
+                    self._grad_sum[p] = grad.detach().clone()
+                    del self._borrowed[p]
+        super().zero_grad(set_to_none=set_to_none)
 
     # ------------------------------------------------------------------ master means
     def _master(self, p: Tensor) -> Tensor | None:
         """The float32 mean of a half-precision ``p`` (created, or re-synced when ``p`` was
-        changed from outside, e.g. by ``load_state_dict`` of the model)."""
+        changed from outside, e.g. by ``load_state_dict`` of the model).
+
+        Whether ``p`` still holds the master rounded is known without comparing the tensors
+        (which costs a copy, and a host synchronization on a GPU) while ``p`` keeps the
+        storage and version counter it had when the two were last made equal: any in-place
+        change of ``p`` (``load_state_dict``, ``torch.nn.init``, another optimizer) bumps the
+        version and ``p.data = ...`` changes the storage. Only writes through ``p.data`` in
+        place (which autograd does not see either) go unnoticed.
+        """
         if not self.master_means or p.dtype not in _HALF:
             return None
         state = self.state[p]
         master = state.get("mean")
+        token = self._synced.get(p)
+        if (master is not None and token is not None and token[0] is master
+                and token[1] == p._version and token[2].data_ptr() == p.data_ptr()):
+            return master
         if master is None or not torch.equal(master.to(p.dtype), p.data):
             master = state["mean"] = p.detach().to(torch.float32, copy=True)
+        self._mark_synced(p, master)
         return master
+
+    def _mark_synced(self, p: Tensor, master: Tensor) -> None:
+        """Record that ``p`` holds ``master`` rounded now (the storage is kept alive, so its
+        address cannot be reused by another tensor)."""
+        self._synced[p] = (master, p._version, p.data)
 
     @contextlib.contextmanager
     def _masters_in_place(self) -> Iterator[None]:
         """During the base step, half-precision parameters hold their float32 masters."""
         held = {}
-        for _, p in self._params():
-            master = self._master(p) if p.grad is not None else None
-            if master is not None:
-                held[p] = p.dtype
-                p.data = master
+        if self.master_means:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    master = self._master(p) if p.grad is not None else None
+                    if master is not None:
+                        held[p] = (p.dtype, master)
+                        p.data = master
         try:
             yield
         finally:
-            for p, dtype in held.items():
+            for p, (dtype, master) in held.items():
                 p.data = p.data.to(dtype)
+                if p.data_ptr() != master.data_ptr():
+                    self._mark_synced(p, master)
 
     # ------------------------------------------------------------------ step
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -368,6 +438,7 @@ class VariationalNGD(StructuredNGD):
             self._add_prior_gradient()
         self._train_draws = 0
         self._grad_sum.clear()
+        self._borrowed.clear()
         self._last_noise.clear()
         with self._masters_in_place():
             super().step()
@@ -384,11 +455,12 @@ class VariationalNGD(StructuredNGD):
         """``p.grad ← mean of the draws' gradients``; statistics averaged over the draws.
 
         One draw: ``p.grad`` is used as it is (e.g. clipped in place after the draw); several:
-        ``p.grad`` is replaced by the mean of the copies taken at the end of each draw.
+        ``p.grad`` is replaced by the mean of the draws' gradients (see
+        :meth:`_collect_gradients`).
         """
         if draws > 1:
-            for p, total in self._grad_sum.items():
-                p.grad = total.div_(draws)
+            for p, total in self._grad_sum.items():  # a kept (uncopied) tensor is not changed
+                p.grad = total / draws if p in self._borrowed else total.div_(draws)
             for weight, stats in list(self._stats.items()):
                 self._stats[weight] = _SampleAveraged(stats, draws)
 
@@ -396,10 +468,13 @@ class VariationalNGD(StructuredNGD):
         """``∇ ← ∇ + λ μ`` (times the GradScaler scale, which the gradients carry)."""
         scale = getattr(self, "grad_scale", None)
         scale = 1.0 if scale is None else float(scale)
-        for group, p in self._params():
-            group["damping"] = self._damping(group)  # the prior may have been edited
-            if p.grad is not None and group["damping"] != 0.0:
-                p.grad.add_(p.detach(), alpha=group["damping"] * scale)
+        for group in self.param_groups:
+            damping = group["damping"] = self._damping(group)  # the prior may have been edited
+            if damping == 0.0:
+                continue
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                torch._foreach_add_([p.grad for p in params], params, alpha=damping * scale)
 
     # ------------------------------------------------------------------ inspection
     def posterior_covariance(self, module: nn.Module) -> Tensor:
