@@ -41,6 +41,9 @@ class Lifecycle:
         self._group_index: dict[Tensor, int] = {}
         self._stats: dict[Tensor, kfac.KroneckerStatistics] = {}
         self._factor_cache: dict[Tensor, F.FactorState] = {}
+        # weight → (cached factors, their (state key, tensor) pairs): the cache's validity check
+        self._factor_keys: dict[Tensor, tuple[F.FactorState, tuple]] = {}
+        self._matrix_shapes: dict[Tensor, tuple[int, int]] = {}  # weight → (d_C, d_K)
         # weight → (factors, K Kᵀ, C Cᵀ) as SparseGram (not state: rebuilt from the factors)
         self._gram_cache: dict[Tensor, tuple[F.FactorState, Any, Any]] = {}
         # one scratch buffer per (dtype, device), the size of the largest gradient matrix: the

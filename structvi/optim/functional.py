@@ -422,5 +422,6 @@ def autocast_off(params: list[Tensor]) -> contextlib.ExitStack:
     """Disable autocast on the devices of ``params`` (the update runs in the state dtypes)."""
     stack = contextlib.ExitStack()
     for device_type in sorted({p.device.type for p in params} | {"cpu"}):
-        stack.enter_context(torch.autocast(device_type, enabled=False))
+        if torch.is_autocast_enabled(device_type):  # nothing to turn off otherwise
+            stack.enter_context(torch.autocast(device_type, enabled=False))
     return stack

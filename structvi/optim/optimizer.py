@@ -31,6 +31,12 @@ from structvi.structures.registry import make_structure
 __all__ = ["StructuredNGD"]
 
 
+def _state_keys(factors: F.FactorState) -> tuple[tuple[str, Tensor], ...]:
+    """``(state key, tensor)`` of every tensor of a layer's factors (the cache check)."""
+    return tuple((f"{key}.{name}", t) for key, s in zip(F.FactorState._fields, factors)
+                 if s is not None for name, t in s.tensors().items())
+
+
 class StructuredNGD(Lifecycle, Optimizer):
     r"""Structured inverse-free natural-gradient descent (INGD/SINGD, Lin et al. 2023, 2024).
 
@@ -310,11 +316,12 @@ class StructuredNGD(Lifecycle, Optimizer):
         """The layer's structures, rebuilt from ``state`` only when its tensors were replaced."""
         state = self.state[layer.weight]
         cached = self._factor_cache.get(layer.weight)
-        if cached is not None and all(
-            s is None or all(state.get(f"{key}.{n}") is t for n, t in s.tensors().items())
-            for key, s in zip(F.FactorState._fields, cached)
-        ):
-            return cached
+        if cached is not None:
+            check = self._factor_keys.get(layer.weight)
+            if check is None or check[0] is not cached:
+                check = self._factor_keys[layer.weight] = (cached, _state_keys(cached))
+            if all(state.get(key) is t for key, t in check[1]):
+                return cached
         group = self.param_groups[self._group_index[layer.weight]]
         spec_K, spec_C = self._specs(layer, group)
         m_K = None if group["kfac_like"] else read_structure(state, "m_K", spec_K)
@@ -517,7 +524,10 @@ class StructuredNGD(Lifecycle, Optimizer):
     def _scratch_matrix(self, layer: kfac.Layer) -> Tensor:
         """A ``(d_C, d_K)`` view of the shared scratch buffer for the layer's gradient matrix."""
         grad = layer.weight.grad
-        shape = (grad.shape[0], grad[0].numel() + int(layer.bias is not None))
+        shape = self._matrix_shapes.get(layer.weight)
+        if shape is None:
+            shape = self._matrix_shapes[layer.weight] = kfac.weight_dims(
+                layer.weight, layer.bias is not None)[::-1]
         key = (grad.dtype, grad.device)
         buffer = self._scratch.get(key)
         if buffer is None or buffer.numel() < shape[0] * shape[1]:

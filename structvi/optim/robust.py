@@ -120,10 +120,12 @@ def _gather(opt: StructuredNGD) -> tuple[list[_Entry], list[Tensor]]:
                     continue
                 parts = [q for q in (layer.weight, layer.bias) if q is not None and q.grad
                          is not None]
-                now = sum(squared_norm(q.grad) for q in parts)
+                now = squared_norm(parts[0].grad)
+                for q in parts[1:]:
+                    now = now + squared_norm(q.grad)
                 backward = [opt._backward_norms.get(q) for q in parts]
                 before = (sum(backward) if all(b is not None for b in backward)
-                          else torch.tensor(-1.0, dtype=torch.float64, device=p.device))
+                          else _unknown(p.device, now))
                 entry = _Entry(p, f"layer {layer.name!r}", group, len(values), layer=layer)
                 values += [now, before]
                 stats = opt._stats.get(p)
@@ -139,6 +141,18 @@ def _gather(opt: StructuredNGD) -> tuple[list[_Entry], list[Tensor]]:
                 entries.append(_Entry(p, "", group, len(values)))  # named only if needed
                 values.append(squared_norm(p.grad))
     return entries, values
+
+
+_UNKNOWN: dict[torch.device, Tensor] = {}
+
+
+def _unknown(device: torch.device, like: Tensor) -> Tensor:
+    """``-1`` (no backward norm recorded) as a float64 0-d tensor on ``device`` (one per device,
+    never written: it is only stacked)."""
+    value = _UNKNOWN.get(device)
+    if value is None:
+        value = _UNKNOWN[device] = torch.full((), -1.0, dtype=torch.float64, device=like.device)
+    return value
 
 
 def _to_host(values: list[Tensor]) -> list[float]:

@@ -43,9 +43,16 @@ def write_structure(state: dict[str, Any], key: str, structure: Structure) -> No
 
 
 def set_counters(state: dict[str, Any], step: int, grad_scale: float) -> None:
-    """A layer's step count and the GradScaler scale of its last step, as CPU tensors."""
-    state["step"] = torch.tensor(step)
-    state["grad_scale"] = torch.tensor(float(grad_scale), dtype=torch.float64)
+    """A layer's step count and the GradScaler scale of its last step, as CPU tensors (written
+    in place when the state already holds them, as ``torch.optim`` does with its steps)."""
+    for key, value, dtype in (("step", step, torch.int64),
+                              ("grad_scale", float(grad_scale), torch.float64)):
+        held = state.get(key)
+        if (isinstance(held, torch.Tensor) and held.dtype == dtype and held.dim() == 0
+                and held.device.type == "cpu"):
+            held.fill_(value)
+        else:
+            state[key] = torch.tensor(value, dtype=dtype)
 
 
 def store_product(state: dict[str, Any], key: str, factor: Structure) -> None:
