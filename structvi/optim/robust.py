@@ -107,10 +107,16 @@ class _Entry:
                  stats: tuple | None = None, layer: Any = None) -> None:
         self.key, self.name, self.group, self.start = key, name, group, start
         self.stats, self.layer = stats, layer
+        self.grads: list[int] = []  # indices of its gradients in the gathered gradient list
+        self.values: list[int] = []  # indices of its other values (backward norm, statistics)
 
 
-def _gather(opt: StructuredNGD) -> tuple[list[_Entry], list[Tensor]]:
+def _gather(opt: StructuredNGD) -> tuple[list[_Entry], list[float]]:
+    """Every entry to screen and its values on the host, laid out per entry as
+    ``[‖∇‖², backward ‖∇‖² (-1: unknown), max|H_K|, tr H_K, max|H_C|, tr H_C]`` for a layer (the
+    statistics on steps that update the preconditioner) and ``[‖∇‖²]`` for a parameter."""
     entries: list[_Entry] = []
+    grads: list[Tensor] = []
     values: list[Tensor] = []
     for group in opt.param_groups:
         for p in group["params"]:
@@ -120,38 +126,64 @@ def _gather(opt: StructuredNGD) -> tuple[list[_Entry], list[Tensor]]:
                     continue
                 parts = [q for q in (layer.weight, layer.bias) if q is not None and q.grad
                          is not None]
-                now = squared_norm(parts[0].grad)
-                for q in parts[1:]:
-                    now = now + squared_norm(q.grad)
+                entry = _Entry(p, "", group, 0, layer=layer)  # named only if needed
+                entry.grads = list(range(len(grads), len(grads) + len(parts)))
+                grads += [q.grad for q in parts]
                 backward = [opt._backward_norms.get(q) for q in parts]
-                before = (sum(backward) if all(b is not None for b in backward)
-                          else _unknown(p.device, now))
-                entry = _Entry(p, f"layer {layer.name!r}", group, len(values), layer=layer)
-                values += [now, before]
+                entry.values.append(len(values))
+                values.append(sum(backward) if all(b is not None for b in backward)
+                              else _unknown(p.device))
                 stats = opt._stats.get(p)
                 step = int(opt.state[p]["step"])
                 if stats is not None and step % group["T"] == 0:
                     F.schedule(group["lr_cov"], step)  # a bad schedule value fails before changes
                     H_K, H_C = stats.finalize()
                     entry.stats = (H_K, H_C)
+                    entry.values += range(len(values), len(values) + 4)
                     values += [H_K.max_abs().double(), H_K.trace().double(),
                                H_C.max_abs().double(), H_C.trace().double()]
                 entries.append(entry)
             elif p not in opt._biases and p.grad is not None:
-                entries.append(_Entry(p, "", group, len(values)))  # named only if needed
-                values.append(squared_norm(p.grad))
-    return entries, values
+                entry = _Entry(p, "", group, 0)  # named only if needed
+                entry.grads = [len(grads)]
+                grads.append(p.grad)
+                entries.append(entry)
+    gathered = _to_host(_grad_norms(grads) + values)  # the step's one host synchronization
+    norms, others = gathered[:len(grads)], gathered[len(grads):]
+    host: list[float] = []
+    for e in entries:
+        e.start = len(host)
+        now = 0.0  # ‖∇W‖² + ‖∇b‖² in float64, as the tensors' sum would be
+        for i in e.grads:
+            now = now + norms[i] * norms[i]
+        host.append(now)
+        host += [others[i] for i in e.values]
+    return entries, host
+
+
+def _grad_norms(grads: list[Tensor]) -> list[Tensor]:
+    """``‖g‖`` of every gradient in float64, one fused call per device (no synchronization)."""
+    out: list[Tensor] = [None] * len(grads)  # type: ignore[list-item]
+    by_device: dict[torch.device, list[int]] = {}
+    for i, g in enumerate(grads):
+        by_device.setdefault(g.device, []).append(i)
+    for indices in by_device.values():
+        with torch.no_grad():
+            norms = torch._foreach_norm([grads[i] for i in indices], 2, dtype=torch.float64)
+        for i, n in zip(indices, norms):
+            out[i] = n
+    return out
 
 
 _UNKNOWN: dict[torch.device, Tensor] = {}
 
 
-def _unknown(device: torch.device, like: Tensor) -> Tensor:
+def _unknown(device: torch.device) -> Tensor:
     """``-1`` (no backward norm recorded) as a float64 0-d tensor on ``device`` (one per device,
     never written: it is only stacked)."""
     value = _UNKNOWN.get(device)
     if value is None:
-        value = _UNKNOWN[device] = torch.full((), -1.0, dtype=torch.float64, device=like.device)
+        value = _UNKNOWN[device] = torch.full((), -1.0, dtype=torch.float64, device=device)
     return value
 
 
@@ -174,8 +206,7 @@ def screen_step(opt: StructuredNGD, scale: float) -> bool:
     On ``True`` the verdicts are in ``opt._verdicts`` and the screened statistics in
     ``opt._screened`` for the update.
     """
-    entries, values = _gather(opt)
-    host = _to_host(values)
+    entries, host = _gather(opt)
     bad = next((e for e in entries if not _finite(e, host)), None)
     if bad is not None:
         _skip(opt, _name(opt, bad))
@@ -202,6 +233,8 @@ def screen_step(opt: StructuredNGD, scale: float) -> bool:
 def _name(opt: StructuredNGD, e: _Entry) -> str:
     if e.name:
         return e.name
+    if e.layer is not None:
+        return f"layer {e.layer.name!r}"
     name = next((n for n, p in opt._model.named_parameters() if p is e.key), tuple(e.key.shape))
     return f"parameter {name!r}"
 
