@@ -31,6 +31,9 @@ from structvi.structures.registry import make_structure
 __all__ = ["StructuredNGD"]
 
 
+_ACCEPT = F.Screen()  # the verdict of an unscreened step (immutable)
+
+
 def _state_keys(factors: F.FactorState) -> tuple[tuple[str, Tensor], ...]:
     """``(state key, tensor)`` of every tensor of a layer's factors (the cache check)."""
     return tuple((f"{key}.{name}", t) for key, s in zip(F.FactorState._fields, factors)
@@ -455,10 +458,18 @@ class StructuredNGD(Lifecycle, Optimizer):
 
     def _amp_scale(self) -> tuple[float, bool]:
         """``(s_t, skip)`` from the attributes ``GradScaler.step`` sets on this optimizer."""
+        pending = self.__dict__.pop("_amp_pending", None)  # read already in this step()
+        if pending is not None:
+            return pending
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         # after scaler.unscale_(optimizer) the gradients are unscaled (grad_scale is None): the
         # screening rescales the statistics by the observed gradient change instead
+        if (isinstance(grad_scale, Tensor) and isinstance(found_inf, Tensor)
+                and grad_scale.device == found_inf.device):  # one transfer for both
+            scale, inf = torch.stack([grad_scale.reshape(()).double(),
+                                      found_inf.reshape(()).double()]).tolist()
+            return scale, inf != 0.0
         scale = 1.0 if grad_scale is None else float(grad_scale)
         return scale, found_inf is not None and bool(found_inf)
 
@@ -469,7 +480,7 @@ class StructuredNGD(Lifecycle, Optimizer):
             return
         step = int(state["step"])
         factors = self._factors(layer)
-        verdict = self._verdicts.get(layer.weight, F.Screen())
+        verdict = self._verdicts.get(layer.weight, _ACCEPT)
         if step % group["T"] == 0 and verdict.update_factors:
             factors = self._update_factors(layer, group, factors, stats, scale)
         G = kfac.gradient_matrix(layer, scale, self._scratch_matrix(layer))
@@ -489,7 +500,9 @@ class StructuredNGD(Lifecycle, Optimizer):
             direction = self._normalize(layer, group, factors, direction, step)
         parts = (direction,) if layer.bias is None else (direction[:, :-1], direction[:, -1])
         for param, part in zip((layer.weight, layer.bias), parts):
-            F.momentum_step(param, part.reshape(param.shape), self._momentum_buffer(param, group),
+            if part.shape != param.shape:  # conv weights: the flattened rows
+                part = part.reshape(param.shape)
+            F.momentum_step(param, part, self._momentum_buffer(param, group),
                             lr=group["lr"], momentum=group["momentum"],
                             weight_decay=group["weight_decay"])
         set_counters(state, step + 1, scale)
@@ -579,7 +592,7 @@ class StructuredNGD(Lifecycle, Optimizer):
 
     def _diagonal_step(self, param: Tensor, group: dict[str, Any], scale: float) -> None:
         grad = param.grad if scale == 1.0 else param.grad / scale
-        verdict = self._verdicts.get(param, F.Screen())
+        verdict = self._verdicts.get(param, _ACCEPT)
         if verdict.grad_factor != 1.0:
             grad = grad * verdict.grad_factor
         grad = self.reducer.gradient(grad, group["loss_average"])

@@ -288,7 +288,9 @@ class VariationalNGD(StructuredNGD):
         if layer.bias is None:
             self._swap(weight, noise.view(weight.shape), rho)
         else:
-            self._swap(weight, noise[:, :-1].reshape(weight.shape), rho)
+            part = noise[:, :-1]
+            self._swap(weight, part if part.shape == weight.shape else part.reshape(weight.shape),
+                       rho)
             self._swap(layer.bias, noise[:, -1], rho)
 
     def _draw_diagonal(self, p: Tensor, group: dict[str, Any], rho: float,
@@ -434,14 +436,19 @@ class VariationalNGD(StructuredNGD):
                               stacklevel=2)
         else:
             self._use_sampled_gradients(draws)
+        amp = self._amp_scale()  # read once (a host sync on GPUs): here and in the base step
         with torch.no_grad():
-            self._add_prior_gradient()
+            self._add_prior_gradient(amp[0])
         self._train_draws = 0
         self._grad_sum.clear()
         self._borrowed.clear()
         self._last_noise.clear()
-        with self._masters_in_place():
-            super().step()
+        self._amp_pending = amp
+        try:
+            with self._masters_in_place():
+                super().step()
+        finally:
+            self.__dict__.pop("_amp_pending", None)
         return loss
 
     def _grad_hook(self, param: Tensor) -> None:
@@ -464,10 +471,8 @@ class VariationalNGD(StructuredNGD):
             for weight, stats in list(self._stats.items()):
                 self._stats[weight] = _SampleAveraged(stats, draws)
 
-    def _add_prior_gradient(self) -> None:
-        """``∇ ← ∇ + λ μ`` (times the GradScaler scale, which the gradients carry)."""
-        scale = getattr(self, "grad_scale", None)
-        scale = 1.0 if scale is None else float(scale)
+    def _add_prior_gradient(self, scale: float) -> None:
+        """``∇ ← ∇ + λ μ`` (times the GradScaler scale ``scale``, which the gradients carry)."""
         for group in self.param_groups:
             damping = group["damping"] = self._damping(group)  # the prior may have been edited
             if damping == 0.0:
