@@ -322,14 +322,14 @@ class VariationalNGD(StructuredNGD):
     def _collect_gradients(self) -> None:
         """Keep this draw's gradients for :meth:`step`.
 
-        The first draw's gradient tensors are kept by reference (no copy: with one draw per
-        step, the usual case, they are used as they are); a later draw adds its gradients to
-        a copy. Zeroing the gradients in place between draws would erase a kept tensor:
-        :meth:`zero_grad` copies them first, and a kept tensor that is still ``p.grad`` at the
-        next draw's end is reported (see :meth:`_check_borrowed`).
+        With ``mc_samples == 1`` (one draw per step, the usual case) the first draw's gradient
+        tensors are kept by reference (no copy; they are used as they are); with more, or from
+        the second draw on, copies are summed. Zeroing the gradients in place between draws
+        would erase a kept tensor: :meth:`zero_grad` copies them first, and a kept tensor that
+        is still ``p.grad`` at the next draw's end is reported (see :meth:`_check_borrowed`).
         """
         grad_sum, borrowed = self._grad_sum, self._borrowed
-        first = self._train_draws == 0
+        first = self._train_draws == 0 and self.mc_samples == 1
         for group in self.param_groups:
             for p in group["params"]:
                 grad = p.grad
@@ -353,9 +353,11 @@ class VariationalNGD(StructuredNGD):
             raise RuntimeError(
                 "VariationalNGD: a parameter's gradient tensor of the previous training draw "
                 "was zeroed or accumulated in place before this draw (e.g. "
-                "model.zero_grad(set_to_none=False) or p.grad.zero_()); the draws' gradients "
-                "cannot be averaged. Zero the gradients between draws with "
-                "optimizer.zero_grad() (either set_to_none) or set them to None")
+                "model.zero_grad(set_to_none=False) or p.grad.zero_()), and with "
+                "mc_samples=1 it is kept without a copy; the draws' gradients cannot be "
+                "averaged. Zero the gradients between draws with optimizer.zero_grad() (either "
+                "set_to_none) or set them to None, or set mc_samples to the number of draws "
+                "per step")
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As :meth:`torch.optim.Optimizer.zero_grad`; with ``set_to_none=False`` the gradients
