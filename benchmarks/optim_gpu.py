@@ -8,7 +8,15 @@ peak allocated memory over the measured steps, optimizer-state bytes. SINGD rows
 ``singd`` is installed. CUDA only: on a machine without CUDA it exits with a message
 (``--cpu-smoke`` runs two steps of each configuration at tiny sizes, to check the script).
 
-Run: ``python -m benchmarks.optim_gpu [--steps 50] [--batch 128]`` →
+Variational section (``--only variational`` runs it alone): VariationalNGD (dense and diagonal
+factors) against IVON, per-step time (CUDA events, interleaved rounds, fastest round) of the
+IVON training loop (``zero_grad``; a training draw; forward, backward; ``step``) on an MLP
+(3072-1024-1024-100 on flattened images) and the VGG, with float32 and with bf16 *parameters*
+(no autocast; VariationalNGD keeps float32 factors and master means), ratio to IVON at the same
+model and precision (issue 14's goal: ≤ 1.5), and the number of host synchronizations in one
+step (``torch.cuda.set_sync_debug_mode``).
+
+Run: ``python -m benchmarks.optim_gpu [--steps 50] [--batch 128] [--only variational]`` →
 ``benchmarks/results/optim_gpu.{json,md}``.
 """
 
@@ -17,13 +25,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from benchmarks.optim_digits import hierarchical_groups, state_bytes
-from structvi.optim import StructuredNGD
+from structvi.optim import StructuredNGD, VariationalNGD
 
 # the published INGD/SINGD update (no normalization, absolute damping), as singd runs it
 SHARED = dict(T=10, lr_cov=0.05, damping=1e-3, alpha1=0.5, momentum=0.9, lr=1e-3)
@@ -132,11 +141,119 @@ def measure(make_model, make_opt, batch: int, steps: int, device: str, size: int
                 state_bytes=state_bytes(opt), finite=bool(torch.isfinite(loss)))
 
 
+def mlp(width: int = 1024, classes: int = 100, image: int = 32) -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * image * image, width), nn.ReLU(),
+                         nn.Linear(width, width), nn.ReLU(), nn.Linear(width, classes))
+
+
+VARIATIONAL = dict(T=10, lr_cov=0.05, alpha1=0.5, momentum=0.9, lr=1e-3, prior_precision=1.0,
+                   temperature=1.0)
+
+
+def variational_optimizers(data_size: int) -> dict:
+    table = {
+        "VariationalNGD-dense": lambda m: VariationalNGD(m, data_size=data_size,
+                                                         structures="dense", **VARIATIONAL),
+        "VariationalNGD-diagonal": lambda m: VariationalNGD(m, data_size=data_size,
+                                                            structures="diagonal", **VARIATIONAL),
+    }
+    try:
+        import ivon
+    except ImportError:
+        return table
+    table["IVON"] = lambda m: ivon.IVON(m.parameters(), lr=0.1, ess=data_size)
+    return table
+
+
+def _variational_step(model, opt, X, y) -> torch.Tensor:
+    opt.zero_grad(set_to_none=True)
+    with opt.sampled_params(train=True):
+        loss = nn.functional.cross_entropy(model(X).float(), y)
+        loss.backward()
+    opt.step()
+    return loss
+
+
+def _count_syncs(step) -> int | None:
+    """Host synchronizations in one call of ``step`` (CUDA only)."""
+    if not torch.cuda.is_available():
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def variational(models: dict, batch: int, steps: int, rounds: int, device: str,
+                size: int) -> dict:
+    """Per-step time of VariationalNGD and IVON, interleaved rounds, fastest round kept."""
+    configs = {}
+    for model_name, make_model in models.items():
+        for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            for name, make_opt in variational_optimizers(50_000).items():
+                torch.manual_seed(0)
+                model = make_model().to(device=device, dtype=dtype)
+                X = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
+                y = torch.randint(0, 100, (batch,), device=device)
+                configs[model_name, precision, name] = (model, make_opt(model), X, y)
+    cuda = device == "cuda"
+    best: dict = {}
+    losses: dict = {}
+    for key, args in configs.items():
+        for _ in range(min(10, steps)):
+            _variational_step(*args)
+    syncs = {key: _count_syncs(lambda args=args: _variational_step(*args)) for key, args in
+             configs.items()} if cuda else {}
+    for _ in range(rounds):
+        for key, args in configs.items():
+            if cuda:
+                torch.cuda.synchronize()
+                start, end = (torch.cuda.Event(enable_timing=True),
+                              torch.cuda.Event(enable_timing=True))
+                start.record()
+            for _ in range(steps):
+                losses[key] = _variational_step(*args)
+            if cuda:
+                end.record()
+                torch.cuda.synchronize()
+                seconds = start.elapsed_time(end) / 1e3 / steps
+                best[key] = min(best.get(key, seconds), seconds)
+    out: dict = {}
+    for (model_name, precision, name), loss in losses.items():
+        key = (model_name, precision, name)
+        r = dict(step_s=best.get(key), syncs=syncs.get(key), finite=bool(torch.isfinite(loss)),
+                 state_bytes=state_bytes(configs[key][1]))
+        ivon_s = best.get((model_name, precision, "IVON"))
+        r["step_over_ivon"] = None if r["step_s"] is None or ivon_s is None else (
+            r["step_s"] / ivon_s)
+        out.setdefault(model_name, {}).setdefault(precision, {})[name] = r
+        print(model_name, precision, name, r, flush=True)
+    return out
+
+
+def _variational_table(results: dict) -> list[str]:
+    lines = ["| model | params | optimizer | ms/step | step / IVON | host syncs / step | "
+             "state MiB |", "|---|---|---|---|---|---|---|"]
+    for model_name, by_precision in results.items():
+        for precision, rows in by_precision.items():
+            for name, r in rows.items():
+                ratio = "–" if r["step_over_ivon"] is None else f"{r['step_over_ivon']:.2f}"
+                lines.append(f"| {model_name} | {precision} | {name} | {r['step_s'] * 1e3:.2f} | "
+                             f"{ratio} | {r['syncs']} | {r['state_bytes'] / 2**20:.1f} |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny CPU run (checks only)")
+    parser.add_argument("--rounds", type=int, default=3, help="variational: timed rounds")
+    parser.add_argument("--only", choices=("all", "optimizers", "variational"), default="all")
     parser.add_argument("--out", default="benchmarks/results/optim_gpu.json")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available() and not args.cpu_smoke:
@@ -147,7 +264,7 @@ def main(argv: list[str] | None = None) -> dict:
     models = {"VGG-11 (BN)": (lambda: vgg(16)) if args.cpu_smoke else vgg,
               "ViT-tiny/4": (lambda: ViT(dim=48, depth=2)) if args.cpu_smoke else ViT}
     results: dict = {}
-    for model_name, make_model in models.items():
+    for model_name, make_model in (models if args.only != "variational" else {}).items():
         results[model_name] = {}
         for name, make_opt in optimizers().items():
             r = measure(make_model, make_opt, batch, steps, device, size)
@@ -158,11 +275,23 @@ def main(argv: list[str] | None = None) -> dict:
             if device == "cuda":
                 r["step_over_adamw"] = r["step_s"] / adamw["step_s"]
                 r["peak_over_adamw"] = r["peak_bytes"] / adamw["peak_bytes"]
+    var_results: dict = {}
+    if args.only != "optimizers":
+        var_models = {"MLP 3072-1024-1024-100": (lambda: mlp(32)) if args.cpu_smoke else mlp,
+                      "VGG-11 (BN)": (lambda: vgg(8)) if args.cpu_smoke else vgg}
+        var_results = variational(var_models, batch, steps, 1 if args.cpu_smoke else args.rounds,
+                                  device, size)
     result = dict(config=dict(steps=steps, batch=batch, device=device, ngd=NGD,
+                              variational=VARIATIONAL, only=args.only,
                               gpu=torch.cuda.get_device_name() if device == "cuda" else None,
-                              torch=torch.__version__), results=results)
+                              torch=torch.__version__), results=results,
+                  variational=var_results)
     if device == "cuda":
         out = Path(args.out)
+        if args.only != "all" and out.exists():  # keep the other section of an earlier run
+            earlier = json.loads(out.read_text())
+            results = result["results"] = results or earlier.get("results", {})
+            var_results = result["variational"] = var_results or earlier.get("variational", {})
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1))
         lines = ["| model | optimizer | ms/step | step / AdamW | peak GiB | peak / AdamW | "
@@ -172,6 +301,9 @@ def main(argv: list[str] | None = None) -> dict:
                 lines.append(f"| {model_name} | {name} | {r['step_s'] * 1e3:.1f} | "
                              f"{r['step_over_adamw']:.2f} | {r['peak_bytes'] / 2**30:.2f} | "
                              f"{r['peak_over_adamw']:.2f} | {r['state_bytes'] / 2**20:.1f} |")
+        if var_results:
+            lines += ["", "VariationalNGD vs IVON (bf16 = bf16 parameters, no autocast):", "",
+                      *_variational_table(var_results)]
         out.with_suffix(".md").write_text("\n".join(lines) + "\n")
         print("\n".join(lines))
     return result
