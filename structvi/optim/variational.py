@@ -29,16 +29,12 @@ import torch
 from torch import Tensor, nn
 
 from structvi.optim import kfac
+from structvi.optim._sampling import HALF, Sampling
 from structvi.optim.optimizer import StructuredNGD
 from structvi.structures.base import Structure
 
 __all__ = ["VariationalNGD"]
 
-_HALF = (torch.bfloat16, torch.float16)
-
-
-def _cast(x: Tensor, dtype: torch.dtype) -> Tensor:
-    return x if x.dtype == dtype else x.to(dtype)
 
 
 class _SampleAveraged:
@@ -65,7 +61,7 @@ def _positive(name: str, value: Any, where: str, *, strict: bool) -> None:
                          f"got {name}={value!r}")
 
 
-class VariationalNGD(StructuredNGD):
+class VariationalNGD(Sampling, StructuredNGD):
     r"""Variational learning with Kronecker-structured Gaussian posteriors (MATH §3.9).
 
     A drop-in replacement for IVON's training loop::
@@ -103,7 +99,10 @@ class VariationalNGD(StructuredNGD):
     **Training draws.** Inside ``with opt.sampled_params(train=True):`` the weights are a draw;
     run forward and backward there. On exit the means are restored bit for bit (the parameter
     tensors are swapped, never written) and the draw's gradient is kept; ``step()`` averages
-    the ``M`` draws since the last step. Zero the gradients before each draw (IVON's loop). With
+    the ``M`` draws since the last step. Zero the gradients before each draw (IVON's loop) with
+    ``opt.zero_grad()`` or by setting them to ``None``: with ``mc_samples=1`` a draw's gradients
+    are kept without a copy, and zeroing them in place elsewhere (``model.zero_grad(
+    set_to_none=False)``) before a second draw of the same step raises an error. With
     ``antithetic=True`` draws alternate ``E, −E``. ``step(closure)`` runs ``closure`` (which
     zeroes gradients, computes the loss and calls ``backward``) ``mc_samples`` times, each in a
     training draw, and returns the mean loss. A ``step()`` without training draws uses the
@@ -159,7 +158,7 @@ class VariationalNGD(StructuredNGD):
         self._synced: dict[Tensor, tuple] = {}  # p → (master, version, data) when p = master
         self._last_noise: dict[Tensor, Tensor] = {}  # antithetic: the previous draw's noise
         self._train_draws = 0
-        half = any(p.dtype in _HALF for p in model.parameters() if p.requires_grad)
+        half = any(p.dtype in HALF for p in model.parameters() if p.requires_grad)
         if master_means is not None and not isinstance(master_means, bool):
             raise ValueError(f"master_means must be None or a bool, got "
                              f"master_means={master_means!r}")
@@ -208,11 +207,6 @@ class VariationalNGD(StructuredNGD):
         group["damping"] = self._damping(group)
         super().add_param_group(group)
 
-    def _params(self) -> Iterator[tuple[dict[str, Any], Tensor]]:
-        for group in self.param_groups:
-            for p in group["params"]:
-                yield group, p
-
     # ------------------------------------------------------------------ draws
     @contextlib.contextmanager
     def sampled_params(self, train: bool = False, generator: torch.Generator | None = None
@@ -241,182 +235,6 @@ class VariationalNGD(StructuredNGD):
             self._means.clear()
         if train:
             self._collect_gradients()
-
-    @torch.no_grad()
-    def _draw(self, generator: torch.Generator | None, *, flip: bool, keep: bool) -> None:
-        layers, biases = self._layers, self._biases
-        for group in self.param_groups:
-            rho = self.rho(group)
-            for p in group["params"]:
-                if not p.requires_grad or p in self._means:
-                    continue
-                layer = layers.get(p)
-                if layer is not None:
-                    self._draw_layer(layer, rho, generator, flip, keep)
-                elif p not in biases or biases[p].weight not in layers:
-                    self._draw_diagonal(p, group, rho, generator, flip, keep)
-
-    def _noise(self, key: Tensor, shape: tuple[int, ...], dtype: torch.dtype,
-               device: torch.device, generator: torch.Generator | None, flip: bool, keep: bool
-               ) -> Tensor:
-        if flip and key in self._last_noise:
-            return -self._last_noise.pop(key)
-        if generator is not None and generator.device.type != device.type:
-            # e.g. a CPU generator for CUDA parameters: draw where the generator lives
-            E = torch.randn(shape, dtype=dtype, device=generator.device,
-                            generator=generator).to(device)
-        else:
-            E = torch.randn(shape, dtype=dtype, device=device, generator=generator)
-        if keep:
-            self._last_noise[key] = E
-        return E
-
-    def _draw_layer(self, layer: kfac.Layer, rho: float, generator: torch.Generator | None,
-                    flip: bool, keep: bool) -> None:
-        """``W = μ + ρ C E Kᵀ`` (``E`` standard normal, shape ``d_o × d_K``).
-
-        Computed as ``C (K Eᵀ)ᵀ``: two structure products on views (no transposed copy), the
-        result contiguous in the ``[W, b]`` layout, so the weight's part is a view of it.
-        """
-        factors = self._factors(layer)
-        K, C = factors.K, factors.C
-        E = self._noise(layer.weight, (C.dim, K.dim), C.dtype, layer.weight.device, generator,
-                        flip, keep)
-        EKt = K.matmul(_cast(E.T, K.dtype)).T  # E Kᵀ = (K Eᵀ)ᵀ, any structure of K
-        noise = C.matmul(_cast(EKt, C.dtype))
-        weight = layer.weight
-        if layer.bias is None:
-            self._swap(weight, noise.view(weight.shape), rho)
-        else:
-            part = noise[:, :-1]
-            self._swap(weight, part if part.shape == weight.shape else part.reshape(weight.shape),
-                       rho)
-            self._swap(layer.bias, noise[:, -1], rho)
-
-    def _draw_diagonal(self, p: Tensor, group: dict[str, Any], rho: float,
-                       generator: torch.Generator | None, flip: bool, keep: bool) -> None:
-        """``θ + ρ ε / √(h + λ)`` with ``h = v + β^t`` (1 before the first step)."""
-        state = self.state.get(p, {})
-        dtype = torch.promote_types(p.dtype, torch.float32)
-        h = torch.ones((), dtype=dtype, device=p.device)
-        if "exp_avg_sq" in state:
-            t = int(state["step"])
-            h = state["exp_avg_sq"].to(dtype) + group["beta2"] ** t
-        std = (h + group["damping"]).rsqrt()
-        E = self._noise(p, tuple(p.shape), dtype, p.device, generator, flip, keep)
-        self._swap(p, E * std, rho)
-
-    def _swap(self, p: Tensor, noise: Tensor, scale: float) -> None:
-        """Keep ``p``'s mean tensor aside and give ``p`` a new tensor ``mean + scale·noise``
-        (around the float32 master mean when there is one)."""
-        mean = p.data
-        self._means[p] = mean
-        master = self._master(p)
-        if master is not None:
-            p.data = torch.add(_cast(master, noise.dtype), noise, alpha=scale).to(mean.dtype)
-        elif noise.dtype == mean.dtype:
-            p.data = torch.add(mean, noise, alpha=scale)
-        else:  # low-precision parameter: add in the noise's (wider) dtype, round once
-            p.data = torch.add(mean.to(noise.dtype), noise, alpha=scale).to(mean.dtype)
-
-    def _collect_gradients(self) -> None:
-        """Keep this draw's gradients for :meth:`step`.
-
-        With ``mc_samples == 1`` (one draw per step, the usual case) the first draw's gradient
-        tensors are kept by reference (no copy; they are used as they are); with more, or from
-        the second draw on, copies are summed. Zeroing the gradients in place between draws
-        would erase a kept tensor: :meth:`zero_grad` copies them first, and a kept tensor that
-        is still ``p.grad`` at the next draw's end is reported (see :meth:`_check_borrowed`).
-        """
-        grad_sum, borrowed = self._grad_sum, self._borrowed
-        first = self._train_draws == 0 and self.mc_samples == 1
-        for group in self.param_groups:
-            for p in group["params"]:
-                grad = p.grad
-                if grad is None:
-                    continue
-                total = grad_sum.get(p)
-                if total is None:
-                    grad_sum[p] = grad.detach() if first else grad.detach().clone()
-                    if first:
-                        borrowed[p] = grad
-                elif p in borrowed:
-                    self._check_borrowed(p, grad)
-                    del borrowed[p]
-                    grad_sum[p] = total + grad
-                else:
-                    total.add_(grad)
-        self._train_draws += 1
-
-    def _check_borrowed(self, p: Tensor, grad: Tensor) -> None:
-        if self._borrowed[p] is grad:
-            raise RuntimeError(
-                "VariationalNGD: a parameter's gradient tensor of the previous training draw "
-                "was zeroed or accumulated in place before this draw (e.g. "
-                "model.zero_grad(set_to_none=False) or p.grad.zero_()), and with "
-                "mc_samples=1 it is kept without a copy; the draws' gradients cannot be "
-                "averaged. Zero the gradients between draws with optimizer.zero_grad() (either "
-                "set_to_none) or set them to None, or set mc_samples to the number of draws "
-                "per step")
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """As :meth:`torch.optim.Optimizer.zero_grad`; with ``set_to_none=False`` the gradients
-        kept from the step's previous training draws are copied before they are zeroed."""
-        if not set_to_none:
-            for p, grad in list(self._borrowed.items()):
-                if p.grad is grad:
-                    self._grad_sum[p] = grad.detach().clone()
-                    del self._borrowed[p]
-        super().zero_grad(set_to_none=set_to_none)
-
-    # ------------------------------------------------------------------ master means
-    def _master(self, p: Tensor) -> Tensor | None:
-        """The float32 mean of a half-precision ``p`` (created, or re-synced when ``p`` was
-        changed from outside, e.g. by ``load_state_dict`` of the model).
-
-        Whether ``p`` still holds the master rounded is known without comparing the tensors
-        (which costs a copy, and a host synchronization on a GPU) while ``p`` keeps the
-        storage and version counter it had when the two were last made equal: any in-place
-        change of ``p`` (``load_state_dict``, ``torch.nn.init``, another optimizer) bumps the
-        version and ``p.data = ...`` changes the storage. Only writes through ``p.data`` in
-        place (which autograd does not see either) go unnoticed.
-        """
-        if not self.master_means or p.dtype not in _HALF:
-            return None
-        state = self.state[p]
-        master = state.get("mean")
-        token = self._synced.get(p)
-        if (master is not None and token is not None and token[0] is master
-                and token[1] == p._version and token[2].data_ptr() == p.data_ptr()):
-            return master
-        if master is None or not torch.equal(master.to(p.dtype), p.data):
-            master = state["mean"] = p.detach().to(torch.float32, copy=True)
-        self._mark_synced(p, master)
-        return master
-
-    def _mark_synced(self, p: Tensor, master: Tensor) -> None:
-        """Record that ``p`` holds ``master`` rounded now (the storage is kept alive, so its
-        address cannot be reused by another tensor)."""
-        self._synced[p] = (master, p._version, p.data)
-
-    @contextlib.contextmanager
-    def _masters_in_place(self) -> Iterator[None]:
-        """During the base step, half-precision parameters hold their float32 masters."""
-        held = {}
-        if self.master_means:
-            for group in self.param_groups:
-                for p in group["params"]:
-                    master = self._master(p) if p.grad is not None else None
-                    if master is not None:
-                        held[p] = (p.dtype, master)
-                        p.data = master
-        try:
-            yield
-        finally:
-            for p, (dtype, master) in held.items():
-                p.data = p.data.to(dtype)
-                if p.data_ptr() != master.data_ptr():
-                    self._mark_synced(p, master)
 
     # ------------------------------------------------------------------ step
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -482,6 +300,13 @@ class VariationalNGD(StructuredNGD):
             params = [p for p in group["params"] if p.grad is not None]
             if params:
                 torch._foreach_add_([p.grad for p in params], params, alpha=damping * scale)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """As the base class; the master-mean sync records refer to this optimizer's tensors
+        and are not copied (a copy re-checks its masters once)."""
+        state = super().__getstate__()
+        state["_synced"] = {}
+        return state
 
     # ------------------------------------------------------------------ inspection
     def posterior_covariance(self, module: nn.Module) -> Tensor:

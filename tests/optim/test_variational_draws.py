@@ -229,3 +229,20 @@ def test_structured_ngd_screening_transfers_once_per_step(monkeypatch):
     # one transfer of the gathered values; the others read the CPU running means
     running = sum(1 for s in opt.state.values() if "outlier_mean" in s)
     assert calls[0] == 1 + running
+
+
+@pytest.mark.lowprec
+def test_bf16_deepcopy_continues_in_lock_step():
+    """A copy does not carry the original's master sync records (they name the original's
+    tensors); it re-checks its masters once and then steps exactly like the original."""
+    import copy
+
+    model = _model("linear", torch.bfloat16)
+    opt = VariationalNGD(model, data_size=20, T=2, lr_cov=0.1)
+    _train(model, opt, "linear", torch.bfloat16, steps=2)
+    other = copy.deepcopy(opt)
+    assert other._synced == {}
+    _train(model, opt, "linear", torch.bfloat16, steps=2)
+    _train(other._model, other, "linear", torch.bfloat16, steps=2)
+    for a, b in zip(model.parameters(), other._model.parameters()):
+        assert torch.equal(a, b)

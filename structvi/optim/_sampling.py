@@ -1,0 +1,212 @@
+"""Draw-side machinery of :class:`~structvi.optim.VariationalNGD` (a mixin).
+
+* training and prediction draws ``W = μ + ρ C E Kᵀ`` (any factor structure, through
+  ``Structure.matmul``) and ``θ + ρ ε / √(h + λ)`` for the diagonal rule, swapped into the
+  parameters without writing the means;
+* the gradients kept from each training draw (the first by reference when ``mc_samples == 1``);
+* the float32 master means of bf16/fp16 parameters, re-checked against the parameter only when
+  its storage or version counter changed.
+
+The mixin uses the attributes ``VariationalNGD.__init__`` sets (``_means``, ``_grad_sum``,
+``_borrowed``, ``_synced``, ``_last_noise``, ``_train_draws``, ``mc_samples``,
+``master_means``) and the base optimizer's tables (``_layers``, ``_biases``, ``state``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from structvi.optim import kfac
+
+__all__ = ["HALF", "Sampling"]
+
+HALF = (torch.bfloat16, torch.float16)
+
+
+def _cast(x: Tensor, dtype: torch.dtype) -> Tensor:
+    return x if x.dtype == dtype else x.to(dtype)
+
+
+class Sampling:
+    """Mixin of :class:`~structvi.optim.VariationalNGD`: draws, kept gradients, master means."""
+
+    @torch.no_grad()
+    def _draw(self, generator: torch.Generator | None, *, flip: bool, keep: bool) -> None:
+        layers, biases = self._layers, self._biases
+        for group in self.param_groups:
+            rho = self.rho(group)
+            for p in group["params"]:
+                if not p.requires_grad or p in self._means:
+                    continue
+                layer = layers.get(p)
+                if layer is not None:
+                    self._draw_layer(layer, rho, generator, flip, keep)
+                elif p not in biases or biases[p].weight not in layers:
+                    self._draw_diagonal(p, group, rho, generator, flip, keep)
+
+    def _noise(self, key: Tensor, shape: tuple[int, ...], dtype: torch.dtype,
+               device: torch.device, generator: torch.Generator | None, flip: bool, keep: bool
+               ) -> Tensor:
+        if flip and key in self._last_noise:
+            return -self._last_noise.pop(key)
+        if generator is not None and generator.device.type != device.type:
+            # e.g. a CPU generator for CUDA parameters: draw where the generator lives
+            E = torch.randn(shape, dtype=dtype, device=generator.device,
+                            generator=generator).to(device)
+        else:
+            E = torch.randn(shape, dtype=dtype, device=device, generator=generator)
+        if keep:
+            self._last_noise[key] = E
+        return E
+
+    def _draw_layer(self, layer: kfac.Layer, rho: float, generator: torch.Generator | None,
+                    flip: bool, keep: bool) -> None:
+        """``W = μ + ρ C E Kᵀ`` (``E`` standard normal, shape ``d_o × d_K``).
+
+        Computed as ``C (K Eᵀ)ᵀ``: two structure products on views (no transposed copy), the
+        result contiguous in the ``[W, b]`` layout, so the weight's part is a view of it.
+        """
+        factors = self._factors(layer)
+        K, C = factors.K, factors.C
+        E = self._noise(layer.weight, (C.dim, K.dim), C.dtype, layer.weight.device, generator,
+                        flip, keep)
+        EKt = K.matmul(_cast(E.T, K.dtype)).T  # E Kᵀ = (K Eᵀ)ᵀ, any structure of K
+        noise = C.matmul(_cast(EKt, C.dtype))
+        weight = layer.weight
+        if layer.bias is None:
+            self._swap(weight, noise.view(weight.shape), rho)
+        else:
+            part = noise[:, :-1]
+            self._swap(weight, part if part.shape == weight.shape else part.reshape(weight.shape),
+                       rho)
+            self._swap(layer.bias, noise[:, -1], rho)
+
+    def _draw_diagonal(self, p: Tensor, group: dict[str, Any], rho: float,
+                       generator: torch.Generator | None, flip: bool, keep: bool) -> None:
+        """``θ + ρ ε / √(h + λ)`` with ``h = v + β^t`` (1 before the first step)."""
+        state = self.state.get(p, {})
+        dtype = torch.promote_types(p.dtype, torch.float32)
+        h = torch.ones((), dtype=dtype, device=p.device)
+        if "exp_avg_sq" in state:
+            t = int(state["step"])
+            h = state["exp_avg_sq"].to(dtype) + group["beta2"] ** t
+        std = (h + group["damping"]).rsqrt()
+        E = self._noise(p, tuple(p.shape), dtype, p.device, generator, flip, keep)
+        self._swap(p, E * std, rho)
+
+    def _swap(self, p: Tensor, noise: Tensor, scale: float) -> None:
+        """Keep ``p``'s mean tensor aside and give ``p`` a new tensor ``mean + scale·noise``
+        (around the float32 master mean when there is one)."""
+        mean = p.data
+        self._means[p] = mean
+        master = self._master(p)
+        if master is not None:
+            p.data = torch.add(_cast(master, noise.dtype), noise, alpha=scale).to(mean.dtype)
+        elif noise.dtype == mean.dtype:
+            p.data = torch.add(mean, noise, alpha=scale)
+        else:  # low-precision parameter: add in the noise's (wider) dtype, round once
+            p.data = torch.add(mean.to(noise.dtype), noise, alpha=scale).to(mean.dtype)
+
+    def _collect_gradients(self) -> None:
+        """Keep this draw's gradients for :meth:`step`.
+
+        With ``mc_samples == 1`` (one draw per step, the usual case) the first draw's gradient
+        tensors are kept by reference (no copy; they are used as they are); with more, or from
+        the second draw on, copies are summed. Zeroing the gradients in place between draws
+        would erase a kept tensor: :meth:`zero_grad` copies them first, and a kept tensor that
+        is still ``p.grad`` at the next draw's end is reported (see :meth:`_check_borrowed`).
+        """
+        grad_sum, borrowed = self._grad_sum, self._borrowed
+        first = self._train_draws == 0 and self.mc_samples == 1
+        for group in self.param_groups:
+            for p in group["params"]:
+                grad = p.grad
+                if grad is None:
+                    continue
+                total = grad_sum.get(p)
+                if total is None:
+                    grad_sum[p] = grad.detach() if first else grad.detach().clone()
+                    if first:
+                        borrowed[p] = grad
+                elif p in borrowed:
+                    self._check_borrowed(p, grad)
+                    del borrowed[p]
+                    grad_sum[p] = total + grad
+                else:
+                    total.add_(grad)
+        self._train_draws += 1
+
+    def _check_borrowed(self, p: Tensor, grad: Tensor) -> None:
+        if self._borrowed[p] is grad:
+            raise RuntimeError(
+                "VariationalNGD: a parameter's gradient tensor of the previous training draw "
+                "was zeroed or accumulated in place before this draw (e.g. "
+                "model.zero_grad(set_to_none=False) or p.grad.zero_()), and with "
+                "mc_samples=1 it is kept without a copy; the draws' gradients cannot be "
+                "averaged. Zero the gradients between draws with optimizer.zero_grad() (either "
+                "set_to_none) or set them to None, or set mc_samples to the number of draws "
+                "per step")
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As :meth:`torch.optim.Optimizer.zero_grad`; with ``set_to_none=False`` the gradients
+        kept from the step's previous training draws are copied before they are zeroed."""
+        if not set_to_none:
+            for p, grad in list(self._borrowed.items()):
+                if p.grad is grad:
+                    self._grad_sum[p] = grad.detach().clone()
+                    del self._borrowed[p]
+        super().zero_grad(set_to_none=set_to_none)
+
+    # ------------------------------------------------------------------ master means
+    def _master(self, p: Tensor) -> Tensor | None:
+        """The float32 mean of a half-precision ``p`` (created, or re-synced when ``p`` was
+        changed from outside, e.g. by ``load_state_dict`` of the model).
+
+        Whether ``p`` still holds the master rounded is known without comparing the tensors
+        (which costs a copy, and a host synchronization on a GPU) while ``p`` keeps the
+        storage and version counter it had when the two were last made equal: any in-place
+        change of ``p`` (``load_state_dict``, ``torch.nn.init``, another optimizer) bumps the
+        version and ``p.data = ...`` changes the storage. Only writes through ``p.data`` in
+        place (which autograd does not see either) go unnoticed.
+        """
+        if not self.master_means or p.dtype not in HALF:
+            return None
+        state = self.state[p]
+        master = state.get("mean")
+        token = self._synced.get(p)
+        if (master is not None and token is not None and token[0] is master
+                and token[1] == p._version and token[2].data_ptr() == p.data_ptr()):
+            return master
+        if master is None or not torch.equal(master.to(p.dtype), p.data):
+            master = state["mean"] = p.detach().to(torch.float32, copy=True)
+        self._mark_synced(p, master)
+        return master
+
+    def _mark_synced(self, p: Tensor, master: Tensor) -> None:
+        """Record that ``p`` holds ``master`` rounded now (the storage is kept alive, so its
+        address cannot be reused by another tensor)."""
+        self._synced[p] = (master, p._version, p.data)
+
+    @contextlib.contextmanager
+    def _masters_in_place(self) -> Iterator[None]:
+        """During the base step, half-precision parameters hold their float32 masters."""
+        held = {}
+        if self.master_means:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    master = self._master(p) if p.grad is not None else None
+                    if master is not None:
+                        held[p] = (p.dtype, master)
+                        p.data = master
+        try:
+            yield
+        finally:
+            for p, (dtype, master) in held.items():
+                p.data = p.data.to(dtype)
+                if p.data_ptr() != master.data_ptr():
+                    self._mark_synced(p, master)
