@@ -31,6 +31,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "real_models": ("benchmarks.real_models", "dir"),
     "fault_sweep": ("benchmarks.fault_sweep", "dir"),
     "sparse_convergence": ("benchmarks.sparse_convergence", "dir"),
+    "vngd_step": ("benchmarks.vngd_step", "file"),
 }
 ALIASES = {"vi": "vi_vs_pyro", "optim": "optim_digits", "pyro": "pyro_path"}
 
