@@ -4,7 +4,8 @@ Synthetic CIFAR-shaped batches (3×32×32, 100 classes) train a VGG-style CNN (B
 parameters follow StructuredNGD's diagonal rule) and a small ViT (patch 4, width 192, depth 6,
 attention written with ``nn.Linear`` so every projection is preconditioned). For each optimizer:
 mean step time (CUDA events, after warm-up; ``T = 10`` so preconditioner updates are included),
-peak allocated memory over the measured steps, optimizer-state bytes. SINGD rows appear when
+peak allocated memory over the measured steps, optimizer-state bytes, host synchronizations in
+one step (``torch.cuda.set_sync_debug_mode``). SINGD rows appear when
 ``singd`` is installed. CUDA only: on a machine without CUDA it exits with a message
 (``--cpu-smoke`` runs two steps of each configuration at tiny sizes, to check the script).
 
@@ -125,6 +126,7 @@ def measure(make_model, make_opt, batch: int, steps: int, device: str, size: int
     for _ in range(min(10, steps)):
         step()
     cuda = device == "cuda"
+    syncs = _count_syncs(step) if cuda else None
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -138,7 +140,7 @@ def measure(make_model, make_opt, batch: int, steps: int, device: str, size: int
         torch.cuda.synchronize()
         seconds = start.elapsed_time(end) / 1e3 / steps
     return dict(step_s=seconds, peak_bytes=torch.cuda.max_memory_allocated() if cuda else None,
-                state_bytes=state_bytes(opt), finite=bool(torch.isfinite(loss)))
+                state_bytes=state_bytes(opt), finite=bool(torch.isfinite(loss)), syncs=syncs)
 
 
 def mlp(width: int = 1024, classes: int = 100, image: int = 32) -> nn.Module:
@@ -295,12 +297,13 @@ def main(argv: list[str] | None = None) -> dict:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1))
         lines = ["| model | optimizer | ms/step | step / AdamW | peak GiB | peak / AdamW | "
-                 "state MiB |", "|---|---|---|---|---|---|---|"]
+                 "state MiB | host syncs / step |", "|---|---|---|---|---|---|---|---|"]
         for model_name, rows in results.items():
             for name, r in rows.items():
                 lines.append(f"| {model_name} | {name} | {r['step_s'] * 1e3:.1f} | "
                              f"{r['step_over_adamw']:.2f} | {r['peak_bytes'] / 2**30:.2f} | "
-                             f"{r['peak_over_adamw']:.2f} | {r['state_bytes'] / 2**20:.1f} |")
+                             f"{r['peak_over_adamw']:.2f} | {r['state_bytes'] / 2**20:.1f} | "
+                             f"{r.get('syncs')} |")
         if var_results:
             lines += ["", "VariationalNGD vs IVON (bf16 = bf16 parameters, no autocast):", "",
                       *_variational_table(var_results)]
