@@ -123,7 +123,10 @@ class VariationalNGD(Sampling, StructuredNGD):
         master_means: keep a float32 copy of the mean of every bf16/fp16 parameter in the
             state (key ``"mean"``): steps update it and the parameter holds it rounded, so
             updates below the parameter's precision are not lost and draws are made around the
-            float32 mean. ``None`` (default): on when a trained parameter is bf16/fp16.
+            float32 mean. ``None`` (default): on when a trained parameter is bf16/fp16. A
+            parameter changed from outside (in place, e.g. ``load_state_dict`` of the model, or
+            by assigning ``p.data``) re-seeds its mean; writes in place through ``p.data``
+            (invisible to autograd's version counter) are not detected.
         **kwargs: any other StructuredNGD argument (``lr``, ``structures``, ``T``, ``lr_cov``,
             ...) except ``damping``, which is ``τδ/N`` here.
 
