@@ -20,6 +20,7 @@ generalized-Pareto fit (:func:`gpd_khat`, the same estimator; a test checks they
 from __future__ import annotations
 
 import datetime
+import functools
 import inspect
 import json
 import math
@@ -154,22 +155,56 @@ def _var_dims(name: str, shape: tuple[int, ...], dims: dict[str, list[str]],
         [f"{name}_dim_{i}" for i in range(len(user), len(shape))]
 
 
-def _dataset(data: dict[str, np.ndarray], coords: dict[str, Any], dims: dict[str, list[str]],
+@functools.lru_cache(maxsize=512)
+def _default_index(dim: str, size: int, origin: int):
+    """The coordinate variable and pandas index ``origin, …, origin + size − 1`` of ``dim``
+    (immutable, so shared by every export: building them is most of a small ``Dataset``'s
+    cost)."""
+    return _index(dim, np.arange(origin, size + origin))
+
+
+def _index(dim: str, values: np.ndarray):
+    import pandas as pd
+    import xarray as xr
+
+    return (xr.IndexVariable((dim,), values),
+            xr.indexes.PandasIndex(pd.Index(values, name=dim), dim))
+
+
+class _Indexes(dict):
+    """The coordinates of one export: the user's ``coords`` (each built once and shared by the
+    groups) and cached default integer coordinates."""
+
+    def __init__(self, coords: dict[str, Any]) -> None:
+        super().__init__()
+        self.coords, self.origin = coords, int(_arviz().rcParams["data.index_origin"])
+
+    def get(self, dim: str, size: int, default: bool):
+        if default:
+            return _default_index(dim, size, self.origin)
+        if dim not in self:
+            self[dim] = _index(dim, np.asarray(self.coords[dim]))
+        return self[dim]
+
+
+def _dataset(data: dict[str, np.ndarray], indexes: _Indexes, dims: dict[str, list[str]],
              attrs: dict[str, Any], *, sampled: bool, skip_event_dims: bool = False):
     """One group as an ``xarray.Dataset`` with ArviZ's layout (``(chain, draw, ...)`` when
     ``sampled``, default dimension names and integer coordinates), built directly."""
     import xarray as xr
 
-    origin = _arviz().rcParams["data.index_origin"]
     lead = ["chain", "draw"] if sampled else []
     variables, sizes = {}, {}
     for name, array in data.items():
-        names = lead + _var_dims(name, array.shape[len(lead):], dims, coords, skip_event_dims)
+        names = lead + _var_dims(name, array.shape[len(lead):], dims, indexes.coords,
+                                 skip_event_dims)
         variables[name] = (names, array)
         sizes.update(zip(names, array.shape))
-    index = {dim: np.asarray(coords[dim]) if dim in coords and dim not in lead
-             else np.arange(origin, size + origin) for dim, size in sizes.items()}
-    return xr.Dataset(variables, coords=index, attrs=attrs)
+    made = {dim: indexes.get(dim, size, dim in lead or dim not in indexes.coords)
+            for dim, size in sizes.items()}
+    coords = xr.Coordinates(coords={d: v for d, (v, _) in made.items()},
+                            indexes={d: i for d, (_, i) in made.items()})
+    return xr.Dataset(variables, coords=coords, attrs=attrs)
 
 
 def _inference_data(groups: dict[str, dict[str, np.ndarray]], coords: dict[str, Any] | None,
@@ -186,7 +221,8 @@ def _inference_data(groups: dict[str, dict[str, np.ndarray]], coords: dict[str, 
     coords, dims = coords or {}, dims or {}
     attrs = {"created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
              "arviz_version": az.__version__, **attrs}
-    datasets = {name: _dataset(data, coords, dims, dict(attrs),
+    indexes = _Indexes(coords)
+    datasets = {name: _dataset(data, indexes, dims, dict(attrs),
                                sampled=name != "observed_data",
                                skip_event_dims=name == "log_likelihood")
                 for name, data in groups.items()}

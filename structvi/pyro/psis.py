@@ -121,6 +121,10 @@ def constrained_draws(guide: Any, U: Tensor) -> dict[str, Tensor]:
     return {name: v.reshape((S,) + shapes[name]) for name, v in values.items()}
 
 
+def _latent_names(guide: Any) -> set[str]:
+    return {name for name, _ in guide.prototype_trace.iter_stochastic_nodes()}
+
+
 def _observed(trace: poutine.Trace, latent: set[str]):
     for name, site in trace.nodes.items():
         if site["type"] != "sample":
@@ -190,7 +194,9 @@ def _per_draw(model, guide, args, kwargs, predictive):
 def _shapes(trace: poutine.Trace, latent: set[str]) -> dict[str, dict[str, torch.Size]]:
     """Per-draw shapes of the log-likelihoods, predictive draws and deterministic sites, read
     off a single-draw trace."""
-    out = {"loglik": {}, "pred": {}, "det": {}}
+    out = {"loglik": {}, "pred": {}, "det": {}, "latent": {}}
+    for name in latent:
+        out["latent"][name] = trace.nodes[name]["value"].shape
     for name, site, kind in _observed(trace, latent):
         if kind == "deterministic":
             out["det"][name] = site["value"].shape
@@ -224,8 +230,9 @@ def _run_plate(model, guide, U, args, kwargs, nesting, predictive, shapes):
     trace = _condition_and_trace(model, values, None, args, kwargs, (S, -(nesting + 1)))
     log_p, loglik, pred, det = _harvest(trace, ladj, set(values), predictive,
                                         (S, -(nesting + 1)))
-    return log_p, _shaped(loglik, shapes["loglik"], S), _shaped(pred, shapes["pred"], S), \
-        _shaped(det, shapes["det"], S)
+    sites = {name: value.reshape((S,) + shapes["latent"][name]) for name, value in values.items()}
+    return Evaluation(log_p, sites, _shaped(loglik, shapes["loglik"], S),
+                      _shaped(pred, shapes["pred"], S), _shaped(det, shapes["det"], S), "plate")
 
 
 @torch.no_grad()
@@ -256,16 +263,15 @@ def evaluate_draws(model: Callable[..., Any], guide: Any, U: Tensor, args: tuple
     with poutine.block():
         if trace is None:
             trace = _condition_and_trace(model, guide.constrain(U[0])[0], None, args, kwargs)
-        values = constrained_draws(guide, U)
-        shapes = _shapes(trace, set(values))
+        shapes = _shapes(trace, _latent_names(guide))
         reasons = []
         if mode == "plate":
             try:
-                got = _run_plate(model, guide, U, args, kwargs, nesting, predictive, shapes)
-                return Evaluation(got[0], values, *got[1:], "plate")
+                return _run_plate(model, guide, U, args, kwargs, nesting, predictive, shapes)
             except (RuntimeError, ValueError) as exc:
                 reasons.append(f"particle plate: {str(exc).splitlines()[0][:200]}")
                 mode = "vmap"
+        values = constrained_draws(guide, U)
         one = _per_draw(model, guide, args, kwargs, predictive)
         if mode == "vmap":
             try:
@@ -294,8 +300,8 @@ def replay(model: Callable[..., Any], guide: Any, U: Tensor, args: tuple, kwargs
     at the draws ``U`` ``(S, d)``, each ``(S,) + per-draw shape`` (:func:`evaluate_draws`)."""
     with torch.no_grad(), poutine.block():
         trace = _condition_and_trace(model, guide.constrain(U[0])[0], None, args, kwargs)
-    latent = {name for name, _ in guide.prototype_trace.iter_stochastic_nodes()}
-    observed = {n: s["value"] for n, s, kind in _observed(trace, latent) if kind == "observed"}
+    observed = {n: s["value"] for n, s, kind in _observed(trace, _latent_names(guide))
+                if kind == "observed"}
     got = evaluate_draws(model, guide, U, args, kwargs, mode=mode, nesting=nesting,
                          predictive=predictive, trace=trace)
     return got.loglik, got.pred, observed, got.det
