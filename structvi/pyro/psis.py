@@ -268,8 +268,8 @@ def evaluate_draws(model: Callable[..., Any], guide: Any, U: Tensor, args: tuple
         if mode == "plate":
             try:
                 return _run_plate(model, guide, U, args, kwargs, nesting, predictive, shapes)
-            except (RuntimeError, ValueError) as exc:
-                reasons.append(f"particle plate: {str(exc).splitlines()[0][:200]}")
+            except Exception as exc:  # noqa: BLE001 -- any failure: try the next mode
+                reasons.append(f"particle plate: {_first_line(exc)}")
                 mode = "vmap"
         values = constrained_draws(guide, U)
         one = _per_draw(model, guide, args, kwargs, predictive)
@@ -279,13 +279,18 @@ def evaluate_draws(model: Callable[..., Any], guide: Any, U: Tensor, args: tuple
                 if reasons:
                     _warn_fallback(reasons, "vmap")
                 return Evaluation(got[0], values, *got[1:], "vmap")
-            except (RuntimeError, ValueError) as exc:
-                reasons.append(f"vmap: {str(exc).splitlines()[0][:200]}")
+            except Exception as exc:  # noqa: BLE001 -- the loop reports a real model error
+                reasons.append(f"vmap: {_first_line(exc)}")
         if reasons:
             _warn_fallback(reasons, "loop")
         runs = [one(u) for u in U]
     stack = [{k: torch.stack([r[i][k] for r in runs]) for k in runs[0][i]} for i in (1, 2, 3)]
     return Evaluation(torch.stack([r[0] for r in runs]), values, *stack, "loop")
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).splitlines()
+    return f"{type(exc).__name__}: {text[0][:200] if text else ''}"
 
 
 def _warn_fallback(reasons: list[str], mode: str) -> None:
