@@ -12,15 +12,15 @@ r"""ArviZ export and VI diagnostics for :class:`~structvi.pyro.AutoStructuredNor
   ``min(1 − 1/log10(S), 0.7)`` (:func:`khat_threshold`).
 
 ArviZ 0.x (what Python 3.11 installs) and 1.x differ: 1.x takes ``from_dict({group: {var:
-array}})`` and moved ``psislw`` to arviz-stats. :func:`_from_dict` dispatches on the installed
-major version; :func:`pareto_khat` uses ``az.psislw`` where it exists and otherwise our own
-generalized-Pareto fit (:func:`gpd_khat`, the same estimator; a test checks they agree).
+array}})`` and moved ``psislw`` to arviz-stats. On 0.x the export assembles the
+``InferenceData`` directly (:mod:`structvi._idata`, the layout of ``az.from_dict`` at a fraction
+of its cost); on 1.x :func:`_from_dict` calls ArviZ's own converter. :func:`pareto_khat` uses
+``az.psislw`` where it exists and otherwise our own generalized-Pareto fit (:func:`gpd_khat`,
+the same estimator; a test checks they agree).
 """
 
 from __future__ import annotations
 
-import datetime
-import functools
 import inspect
 import json
 import math
@@ -135,98 +135,19 @@ def _from_dict(groups: dict[str, dict[str, np.ndarray]], **extra: Any):
     return data
 
 
-def _var_dims(name: str, shape: tuple[int, ...], dims: dict[str, list[str]],
-              coords: dict[str, Any], skip_event_dims: bool) -> list[str]:
-    """Dimension names of a variable's own axes: the user's ``dims[name]`` (without
-    ``chain``/``draw``), then ArviZ's defaults ``{name}_dim_{i}``. ``skip_event_dims`` (the
-    log-likelihood group) drops user names beyond the shape or whose coordinates do not fit,
-    as ArviZ does (an observation's log-likelihood has no event axes)."""
-    user = [d for d in (dims.get(name) or []) if d not in ("chain", "draw")]
-    if skip_event_dims:
-        user = user[:len(shape)]
-        for i, (dim, size) in enumerate(zip(user, shape)):
-            if dim in coords and len(coords[dim]) != size:
-                user = user[:i]
-                break
-    elif len(user) > len(shape):
-        raise ValueError(f"dims[{name!r}] = {dims[name]!r} names {len(user)} dimensions but "
-                         f"{name!r} has shape {shape}; give at most {len(shape)} names")
-    return [d if d is not None else f"{name}_dim_{i}" for i, d in enumerate(user)] + \
-        [f"{name}_dim_{i}" for i in range(len(user), len(shape))]
-
-
-@functools.lru_cache(maxsize=512)
-def _default_index(dim: str, size: int, origin: int):
-    """The coordinate variable and pandas index ``origin, …, origin + size − 1`` of ``dim``
-    (immutable, so shared by every export: building them is most of a small ``Dataset``'s
-    cost)."""
-    return _index(dim, np.arange(origin, size + origin))
-
-
-def _index(dim: str, values: np.ndarray):
-    import pandas as pd
-    import xarray as xr
-
-    return (xr.IndexVariable((dim,), values),
-            xr.indexes.PandasIndex(pd.Index(values, name=dim), dim))
-
-
-class _Indexes(dict):
-    """The coordinates of one export: the user's ``coords`` (each built once and shared by the
-    groups) and cached default integer coordinates."""
-
-    def __init__(self, coords: dict[str, Any]) -> None:
-        super().__init__()
-        self.coords, self.origin = coords, int(_arviz().rcParams["data.index_origin"])
-
-    def get(self, dim: str, size: int, default: bool):
-        if default:
-            return _default_index(dim, size, self.origin)
-        if dim not in self:
-            self[dim] = _index(dim, np.asarray(self.coords[dim]))
-        return self[dim]
-
-
-def _dataset(data: dict[str, np.ndarray], indexes: _Indexes, dims: dict[str, list[str]],
-             attrs: dict[str, Any], *, sampled: bool, skip_event_dims: bool = False):
-    """One group as an ``xarray.Dataset`` with ArviZ's layout (``(chain, draw, ...)`` when
-    ``sampled``, default dimension names and integer coordinates), built directly."""
-    import xarray as xr
-
-    lead = ["chain", "draw"] if sampled else []
-    variables, sizes = {}, {}
-    for name, array in data.items():
-        names = lead + _var_dims(name, array.shape[len(lead):], dims, indexes.coords,
-                                 skip_event_dims)
-        variables[name] = (names, array)
-        sizes.update(zip(names, array.shape))
-    made = {dim: indexes.get(dim, size, dim in lead or dim not in indexes.coords)
-            for dim, size in sizes.items()}
-    coords = xr.Coordinates(coords={d: v for d, (v, _) in made.items()},
-                            indexes={d: i for d, (_, i) in made.items()})
-    return xr.Dataset(variables, coords=coords, attrs=attrs)
-
-
 def _inference_data(groups: dict[str, dict[str, np.ndarray]], coords: dict[str, Any] | None,
                     dims: dict[str, list[str]] | None, attrs: dict[str, Any]):
-    """The groups as ArviZ data: ArviZ 0.x ``InferenceData`` of directly built datasets (the
-    layout ``az.from_dict`` produces, without its per-variable alignment work); ArviZ 1.x
-    through its own ``from_dict`` (a ``DataTree``)."""
+    """The groups as ArviZ data: on ArviZ 0.x an ``InferenceData`` of directly built datasets
+    (:mod:`structvi._idata`: ``az.from_dict``'s layout without its per-variable alignment
+    work); on ArviZ 1.x its own ``from_dict`` (a ``DataTree``)."""
     from structvi import __version__ as version
 
     attrs = {**attrs, "inference_library_version": str(version)}
-    az = _arviz()
     if _arviz_major() >= 1:
         return _from_dict(groups, coords=coords, dims=dims, attrs=attrs)
-    coords, dims = coords or {}, dims or {}
-    attrs = {"created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-             "arviz_version": az.__version__, **attrs}
-    indexes = _Indexes(coords)
-    datasets = {name: _dataset(data, indexes, dims, dict(attrs),
-                               sampled=name != "observed_data",
-                               skip_event_dims=name == "log_likelihood")
-                for name, data in groups.items()}
-    return az.InferenceData(**datasets)
+    from structvi._idata import inference_data
+
+    return inference_data(groups, coords, dims, attrs)
 
 
 def to_inference_data(

@@ -255,3 +255,45 @@ def test_a_poor_q_warns_in_the_export(reg_guide):
 def test_bad_vectorize_is_a_clear_error(reg_guide):
     with pytest.raises(ValueError, match=r"vectorize must be None \(detect\) or one of .*'fast'"):
         sva.to_inference_data(reg_guide, regression, 100, model_args=(X, Y), vectorize="fast")
+
+
+def _groups():
+    rng = np.random.default_rng(0)
+    return {"posterior": {"a": rng.normal(size=(4, 25)), "b": rng.normal(size=(4, 25, 3, 2))},
+            "log_likelihood": {"y": rng.normal(size=(4, 25, 7))},
+            "posterior_predictive": {"y": rng.normal(size=(4, 25, 7))},
+            "sample_stats": {"log_weight": rng.normal(size=(4, 25))},
+            "observed_data": {"y": rng.normal(size=7)}}
+
+
+@pytest.mark.parametrize("public_constructor", [False, True])
+@pytest.mark.parametrize("layout", [{}, {"coords": {"obs": np.arange(7) + 10, "k": ["u", "v"]},
+                                         "dims": {"y": ["obs"], "b": [None, "k"]}}])
+def test_directly_built_data_is_identical_to_from_dict(monkeypatch, public_constructor, layout):
+    from structvi import _idata
+    from structvi._idata import inference_data
+
+    if public_constructor:  # an xarray without the internal shortcut: the public constructor
+        monkeypatch.setattr(_idata, "_construct", lambda *args: None)
+    attrs = {"inference_library": "structvi", "pareto_k": 0.3}
+    new = inference_data(_groups(), layout.get("coords"), layout.get("dims"), attrs)
+    old = sva._from_dict(_groups(), **layout, attrs=attrs)  # the earlier export path
+    assert new.groups() == old.groups()
+    for group in old.groups():
+        a, b = new[group], old[group]
+        assert a.drop_attrs().identical(b.drop_attrs()), group
+        assert {k: v for k, v in a.attrs.items() if k != "created_at"} == \
+            {k: v for k, v in b.attrs.items() if k != "created_at"}
+    pick = {"chain": 1, "draw": 3, **({"k": "v"} if layout else {"b_dim_1": 1})}
+    assert float(new.posterior["b"].sel(pick).sum()) == float(old.posterior["b"].sel(pick).sum())
+
+
+def test_coords_that_do_not_fit_are_clear_errors():
+    from structvi._idata import inference_data
+
+    with pytest.raises(ValueError, match=r"coords\['obs'\] has shape \(5,\) but dimension 'obs' "
+                                         r"has length 7"):
+        inference_data(_groups(), {"obs": np.arange(5)}, {"y": ["obs"]}, {})
+    with pytest.raises(ValueError, match="dimension 'obs' has length 2 in 'b' but 7"):
+        inference_data({"posterior": {"y": np.zeros((4, 5, 7)), "b": np.zeros((4, 5, 2))}},
+                       None, {"y": ["obs"], "b": ["obs"]}, {})
