@@ -194,9 +194,7 @@ def _per_draw(model, guide, args, kwargs, predictive):
 def _shapes(trace: poutine.Trace, latent: set[str]) -> dict[str, dict[str, torch.Size]]:
     """Per-draw shapes of the log-likelihoods, predictive draws and deterministic sites, read
     off a single-draw trace."""
-    out = {"loglik": {}, "pred": {}, "det": {}, "latent": {}}
-    for name in latent:
-        out["latent"][name] = trace.nodes[name]["value"].shape
+    out = {"loglik": {}, "pred": {}, "det": {}}
     for name, site, kind in _observed(trace, latent):
         if kind == "deterministic":
             out["det"][name] = site["value"].shape
@@ -230,7 +228,9 @@ def _run_plate(model, guide, U, args, kwargs, nesting, predictive, shapes):
     trace = _condition_and_trace(model, values, None, args, kwargs, (S, -(nesting + 1)))
     log_p, loglik, pred, det = _harvest(trace, ladj, set(values), predictive,
                                         (S, -(nesting + 1)))
-    sites = {name: value.reshape((S,) + shapes["latent"][name]) for name, value in values.items()}
+    proto = guide.prototype_trace.nodes
+    sites = {name: value.reshape((S,) + proto[name]["value"].shape)
+             for name, value in values.items()}
     return Evaluation(log_p, sites, _shaped(loglik, shapes["loglik"], S),
                       _shaped(pred, shapes["pred"], S), _shaped(det, shapes["det"], S), "plate")
 
