@@ -297,3 +297,24 @@ def test_coords_that_do_not_fit_are_clear_errors():
     with pytest.raises(ValueError, match="dimension 'obs' has length 2 in 'b' but 7"):
         inference_data({"posterior": {"y": np.zeros((4, 5, 7)), "b": np.zeros((4, 5, 2))}},
                        None, {"y": ["obs"], "b": ["obs"]}, {})
+
+
+def regression32(x, y):
+    beta = pyro.sample("beta", dist.Normal(torch.zeros(2), 2.0).to_event(1))
+    sigma = pyro.sample("sigma", dist.HalfNormal(torch.tensor(2.0)))
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("y", dist.Normal((x * beta).sum(-1), sigma), obs=y)
+
+
+def test_a_float32_model_exports_like_its_loop():
+    args = (X.float(), Y.float())
+    guide = _fit(regression32, args, steps=10)
+    a = sva.to_inference_data(guide, regression32, 100, model_args=args,
+                              generator=torch.Generator().manual_seed(0))
+    b = sva.to_inference_data(guide, regression32, 100, model_args=args, vectorize="loop",
+                              generator=torch.Generator().manual_seed(0))
+    for group in ("posterior", "log_likelihood", "sample_stats"):
+        for name in b[group].data_vars:
+            np.testing.assert_allclose(a[group][name].values, b[group][name].values, rtol=1e-5,
+                                       atol=1e-4, err_msg=name)
+    assert a.posterior["beta"].dtype == np.float64 and np.isfinite(a.posterior.attrs["pareto_k"])
