@@ -81,7 +81,7 @@ def export_times(model: Callable[..., Any], args: tuple, guide: Any, draws: int 
                 first[key] = time.perf_counter() - t0
             except Exception:  # noqa: BLE001 -- a model Predictive cannot vectorize
                 del calls[key]
-        reps = max(3, min(max_reps, int(budget_s / max(sum(first.values()), 1e-6))))
+        reps = max(5, min(max_reps, int(budget_s / max(sum(first.values()), 1e-6))))
         best = {key: math.inf for key in calls}
         cpu = dict(best)
         for _ in range(reps):  # interleaved: load changes hit every column alike
