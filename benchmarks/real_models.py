@@ -19,8 +19,9 @@ and the number of non-finite steps. The ELBO is also tracked against wall time (
 Run: ``python -m benchmarks.real_models [--quick]``; writes ``benchmarks/results/real_models.{json,
 md,png}`` (``--quick``: three models, 300/1000 steps, one learning rate, to
 ``benchmarks/results/quick/``; ``--models``, ``--ours-steps``, ``--their-steps`` and ``--lrs``
-override the configuration, and the results are rewritten after every model). One intra-op
-thread.
+override the configuration, and the results are rewritten after every model;
+``--export-only [--models ...]`` refits only the dense guides and rewrites the export-time table,
+:mod:`benchmarks._export_times`). One intra-op thread.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import torch
 from pyro.infer import MCMC, NUTS, SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoLowRankMultivariateNormal, AutoMultivariateNormal, AutoNormal
 
+from benchmarks import _export_times as _export
 from benchmarks._real_models import MODELS
 from structvi.psis import smooth_log_weights
 from structvi.pyro import AutoStructuredNormal, NaturalGradientSVI
@@ -182,33 +184,10 @@ def run_row(name: str, label: str, make, steps: int, every: int, scorer: Scorer)
     return row, guide
 
 
-def export_times(name: str, guide: AutoStructuredNormal, draws: int = 1000) -> dict[str, float]:
-    """Seconds of ``to_inference_data``, ``psis_khat`` and Pyro's ``Predictive(parallel=True)``
-    for ``draws`` draws of a fitted guide, each timed on its second call (``nan`` where
-    Predictive cannot run in parallel)."""
-    from pyro.infer import Predictive
-
-    from structvi.arviz import psis_khat, to_inference_data
-
+def export_times(name: str, guide: AutoStructuredNormal, draws: int = 1000) -> dict[str, Any]:
+    """Export and ``Predictive`` times of a fitted guide (:mod:`benchmarks._export_times`)."""
     model, args = MODELS[name]
-    out = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for key, call in [
-            ("to_inference_data", lambda: to_inference_data(guide, model, draws,
-                                                             model_args=args)),
-            ("psis_khat", lambda: psis_khat(guide, model, draws, model_args=args)),
-            ("predictive_parallel", lambda: Predictive(model, guide=guide, num_samples=draws,
-                                                       parallel=True)(*args)),
-        ]:
-            try:
-                call()  # warm-up (set-up, vectorization detection)
-                t0 = time.perf_counter()
-                call()
-                out[key] = time.perf_counter() - t0
-            except Exception:  # noqa: BLE001 -- a model Predictive cannot vectorize
-                out[key] = math.nan
-    return out
+    return _export.export_times(model, args, guide, draws)
 
 
 def ours(name: str, structure: str):
@@ -292,16 +271,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
             gap = best - a["elbo"] if fam == "dense" else math.nan
             lines.append(f"| {name} | {fam} | {_f(a['elbo'] - b['elbo'], '+.2f')} | "
                          f"{_f(a['seconds'] / b['seconds'], '.2f')} | {_f(gap, '.2f')} |")
-    lines += ["", "## Export time (1000 draws of the dense guide)", "",
-              "| model | d | to_inference_data (s) | psis_khat (s) | Predictive(parallel=True) (s) "
-              "| ratio export / Predictive |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        if "export_seconds" in r:
-            e = r["export_seconds"]
-            ratio = e["to_inference_data"] / e["predictive_parallel"]
-            lines.append(f"| {r['model']} | {r['dim']} | {_f(e['to_inference_data'], '.3f')} | "
-                         f"{_f(e['psis_khat'], '.3f')} | {_f(e['predictive_parallel'], '.3f')} | "
-                         f"{_f(ratio, '.2f')} |")
+    lines += [""] + _export.export_table(rows)
     lines += ["", "structvi: `NaturalGradientSVI` defaults, "
               f"{meta['ours_steps']} steps; Pyro: Trace_ELBO + Adam, {meta['their_steps']} steps, "
               "best ELBO over the learning rates " + str(meta["lrs"]) + ". Errors over all "
@@ -357,6 +327,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="default 4000 (quick 1000)")
     parser.add_argument("--lrs", type=float, nargs="*", default=None,
                         help="Adam learning rates (default 0.003 0.01 0.03; quick 0.01)")
+    parser.add_argument("--export-only", action="store_true",
+                        help="refit only the dense guides, re-time their ArviZ export and "
+                             "rewrite that table in the saved results")
     a = parser.parse_args(argv)
     torch.set_num_threads(1)
     if a.make_reference:
@@ -374,6 +347,10 @@ def main(argv: list[str] | None = None) -> None:
     their_steps = a.their_steps or (1000 if a.quick else 4000)
     lrs = a.lrs or ([0.01] if a.quick else [0.003, 0.01, 0.03])
     out = a.out or default_out
+    if a.export_only:
+        _export.rerun_exports(out, names, lambda n: ours(n, "dense"), ours_steps, MODELS,
+                              markdown)
+        return
     out.mkdir(parents=True, exist_ok=True)
     rows = []
 

@@ -12,9 +12,11 @@ r"""ArviZ export and VI diagnostics for :class:`~structvi.pyro.AutoStructuredNor
   ``min(1 − 1/log10(S), 0.7)`` (:func:`khat_threshold`).
 
 ArviZ 0.x (what Python 3.11 installs) and 1.x differ: 1.x takes ``from_dict({group: {var:
-array}})`` and moved ``psislw`` to arviz-stats. :func:`_from_dict` dispatches on the installed
-major version; :func:`pareto_khat` uses ``az.psislw`` where it exists and otherwise our own
-generalized-Pareto fit (:func:`gpd_khat`, the same estimator; a test checks they agree).
+array}})`` and moved ``psislw`` to arviz-stats. On 0.x the export assembles the
+``InferenceData`` directly (:mod:`structvi._idata`, the layout of ``az.from_dict`` at a fraction
+of its cost); on 1.x :func:`_from_dict` calls ArviZ's own converter. :func:`pareto_khat` uses
+``az.psislw`` where it exists and otherwise our own generalized-Pareto fit (:func:`gpd_khat`,
+the same estimator; a test checks they agree).
 """
 
 from __future__ import annotations
@@ -107,10 +109,13 @@ def pareto_khat(log_weights: np.ndarray | torch.Tensor) -> float:
 
 
 # ---------------------------------------------------------------------- export
+def _numpy(value: torch.Tensor) -> np.ndarray:
+    return value.detach().double().cpu().numpy()
+
+
 def _chains(group: dict[str, torch.Tensor], chains: int) -> dict[str, np.ndarray]:
     """``(S, ...)`` tensors as ``(chains, S / chains, ...)`` arrays (pseudo-chains)."""
-    return {k: v.detach().double().cpu().numpy().reshape((chains, -1) + tuple(v.shape[1:]))
-            for k, v in group.items()}
+    return {k: _numpy(v).reshape((chains, -1) + tuple(v.shape[1:])) for k, v in group.items()}
 
 
 def _from_dict(groups: dict[str, dict[str, np.ndarray]], **extra: Any):
@@ -130,6 +135,21 @@ def _from_dict(groups: dict[str, dict[str, np.ndarray]], **extra: Any):
     return data
 
 
+def _inference_data(groups: dict[str, dict[str, np.ndarray]], coords: dict[str, Any] | None,
+                    dims: dict[str, list[str]] | None, attrs: dict[str, Any]):
+    """The groups as ArviZ data: on ArviZ 0.x an ``InferenceData`` of directly built datasets
+    (:mod:`structvi._idata`: ``az.from_dict``'s layout without its per-variable alignment
+    work); on ArviZ 1.x its own ``from_dict`` (a ``DataTree``)."""
+    from structvi import __version__ as version
+
+    attrs = {**attrs, "inference_library_version": str(version)}
+    if _arviz_major() >= 1:
+        return _from_dict(groups, coords=coords, dims=dims, attrs=attrs)
+    from structvi._idata import inference_data
+
+    return inference_data(groups, coords, dims, attrs)
+
+
 def to_inference_data(
     guide: Any,
     model: Callable[..., Any],
@@ -143,13 +163,16 @@ def to_inference_data(
     coords: dict[str, Any] | None = None,
     dims: dict[str, list[str]] | None = None,
     generator: torch.Generator | None = None,
+    vectorize: str | None = None,
 ):
     """Draws from a fitted :class:`~structvi.pyro.AutoStructuredNormal` as ArviZ data.
 
-    The draws are evaluated in one vectorized model run (a particle plate, or
-    :func:`torch.func.vmap` for ``PyroModule`` networks; one run per draw only for models that
-    support neither). The ``S`` independent draws are split into ``num_chains`` pseudo-chains,
-    so ``az.summary`` reports finite r̂ and ESS (r̂ ≈ 1: the draws are i.i.d.).
+    One vectorized model run at the draws gives everything (a particle plate, or
+    :func:`torch.func.vmap` for models that do not broadcast, e.g. ``PyroModule`` networks; one
+    run per draw only for models that support neither): each site's ``log_prob`` serves both
+    the importance ratios and the per-observation log-likelihoods, and the predictive draws
+    come from the same run. The ``S`` independent draws are split into ``num_chains``
+    pseudo-chains, so ``az.summary`` reports finite r̂ and ESS (r̂ ≈ 1: the draws are i.i.d.).
 
     Args:
         guide: the fitted guide.
@@ -160,12 +183,15 @@ def to_inference_data(
         num_chains: number of pseudo-chains.
         psis: ``"weights"`` — the posterior holds ``q``'s draws and ``sample_stats`` their
             Pareto-smoothed importance weights; ``"resample"`` — the posterior holds ``S``
-            draws resampled by those weights (importance-corrected, :mod:`structvi.psis`);
-            ``None`` — no importance ratios (no extra log-density evaluation).
+            draws resampled by those weights (importance-corrected, :mod:`structvi.psis`; the
+            predictive draws come from a second run at the resampled draws, so repeated draws
+            get independent predictions); ``None`` — no importance weights.
         posterior_predictive: also draw the observed sites at each draw.
         coords: ArviZ coordinates.
         dims: ArviZ dimension names per variable.
         generator: source of the draws from ``q`` (and of the resampling).
+        vectorize: how to run the model at the draws: ``None`` (detect once per model and
+            argument shapes, cached on the guide), ``"plate"``, ``"vmap"`` or ``"loop"``.
 
     Returns:
         ``InferenceData`` (ArviZ 0.x) / ``DataTree`` (1.x) with ``posterior`` (latent and
@@ -177,10 +203,14 @@ def to_inference_data(
         :func:`pointwise_khat` gives per-observation PSIS-LOO ``k̂``.
 
     Raises:
-        ValueError: bad ``num_samples``/``num_chains``/``psis``, or a subsampled plate.
+        ValueError: bad ``num_samples``/``num_chains``/``psis``/``vectorize``, or a subsampled
+            plate.
+
+    Warns:
+        UserWarning: with ``psis``, when ``k̂`` is above the reliability threshold.
     """
-    from structvi.psis import check_num_samples
-    from structvi.pyro.psis import _detached, guide_log_joint
+    from structvi.psis import check_num_samples, draw, psis_from_ratios
+    from structvi.pyro.psis import _detached, evaluate_draws, guide_log_joint
 
     check_num_samples(num_samples)
     check_num_samples(num_chains, name="num_chains")
@@ -192,46 +222,46 @@ def to_inference_data(
     if psis is not None:
         check_num_samples(num_samples, 25)
     kwargs = {} if model_kwargs is None else model_kwargs
-    log_joint, mode, nesting, _ = guide_log_joint(guide, model, model_args, kwargs,
-                                                  "to_inference_data")
+    _, mode, nesting, trace = guide_log_joint(guide, model, model_args, kwargs,
+                                              "to_inference_data", vectorize)
+    U, log_q = draw(_detached(guide), num_samples, generator=generator)
+
+    def run(points, predictive):
+        return evaluate_draws(model, guide, points, model_args, kwargs, mode=mode,
+                              nesting=nesting, predictive=predictive, trace=trace)
+
+    ev = run(U, posterior_predictive and psis != "resample")
     attrs = {"inference_library": "structvi", "guide": type(guide).__name__,
              "structvi_structure": json.dumps(guide.factor_spec())}
     stats = None
-    if psis is None:
-        with torch.no_grad():
-            U = _detached(guide).sample((num_samples,), generator=generator)
-    else:
-        from structvi.psis import psis as run_psis
-
-        result = run_psis(_detached(guide), log_joint, num_samples, generator=generator)
-        U = result.draws
+    if psis is not None:
+        result = psis_from_ratios(U, ev.log_joint.double() - log_q)
         stats = {"log_importance_ratio": result.log_ratios, "log_weight": result.log_weights}
         if psis == "resample":
             idx = result.resample(generator=generator)
-            U, stats = U[idx], {k: v[idx] for k, v in stats.items()}
-        attrs.update(pareto_k=result.khat, pareto_k_threshold=result.threshold,
-                     psis=psis)
-    return _export(guide, model, U, model_args, kwargs, mode, nesting, num_chains, stats,
-                   posterior_predictive, attrs, coords, dims)
+            stats = {k: v[idx] for k, v in stats.items()}
+            ev = run(U[idx], True) if posterior_predictive else ev._replace(
+                **{g: {k: v[idx] for k, v in getattr(ev, g).items()}
+                   for g in ("values", "loglik", "det")})
+        attrs.update(pareto_k=result.khat, pareto_k_threshold=result.threshold, psis=psis)
+    return _inference_data(_groups(ev, stats, trace, num_chains, posterior_predictive),
+                           coords, dims, attrs)
 
 
-def _export(guide, model, U, args, kwargs, mode, nesting, chains, stats, predictive, attrs,
-            coords, dims):
-    from structvi import __version__ as version
-    from structvi.pyro.psis import constrained_draws, replay
+def _groups(ev, stats, trace, chains, predictive) -> dict[str, dict[str, np.ndarray]]:
+    """The ArviZ groups of an :class:`~structvi.pyro.psis.Evaluation` as arrays."""
+    from structvi.pyro.psis import _observed
 
-    draws = constrained_draws(guide, U)
-    loglik, pred, observed, deterministic = replay(model, guide, U, args, kwargs, mode=mode,
-                                                   nesting=nesting, predictive=predictive)
-    groups = {"posterior": _chains({**draws, **deterministic}, chains),
-              "log_likelihood": _chains(loglik, chains),
-              "observed_data": {k: v.detach().double().cpu().numpy() for k, v in observed.items()}}
+    observed = {n: s["value"] for n, s, kind in _observed(trace, set(ev.values))
+                if kind == "observed"}
+    groups = {"posterior": _chains({**ev.values, **ev.det}, chains),
+              "log_likelihood": _chains(ev.loglik, chains),
+              "observed_data": {k: _numpy(v) for k, v in observed.items()}}
     if predictive:
-        groups["posterior_predictive"] = _chains(pred, chains)
+        groups["posterior_predictive"] = _chains(ev.pred, chains)
     if stats is not None:
         groups["sample_stats"] = _chains(stats, chains)
-    attrs = {**attrs, "inference_library_version": str(version)}
-    return _from_dict(groups, coords=coords, dims=dims, attrs=attrs)
+    return groups
 
 
 def pointwise_khat(idata: Any) -> dict[str, np.ndarray]:

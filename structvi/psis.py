@@ -30,7 +30,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["PSISResult", "check_num_samples", "khat_threshold", "psis", "smooth_log_weights"]
+__all__ = ["PSISResult", "check_num_samples", "draw", "khat_threshold", "psis",
+           "smooth_log_weights"]
 
 
 def check_num_samples(num_samples: object, minimum: int = 1, name: str = "num_samples") -> int:
@@ -186,6 +187,25 @@ def psis_from_ratios(draws: Tensor, log_ratios: Tensor, *, warn: bool = True) ->
                       float(k), threshold)
 
 
+def draw(q, num_samples: int, *, generator: torch.Generator | None = None
+         ) -> tuple[Tensor, Tensor]:
+    """``num_samples`` draws ``u_s = μ + K ε_s`` of ``q`` and their ``log q(u_s)`` (no solve).
+
+    ``log q(u_s) = −½‖ε_s‖² − log|det K| − (d/2) log 2π``; the draws are those of
+    ``q.sample((num_samples,), generator=generator)`` (the same ``ε``).
+
+    Returns:
+        ``(U, log_q)`` of shapes ``(S, d)`` and ``(S,)`` (``log_q`` in float64).
+    """
+    with torch.no_grad():
+        eps = torch.randn(num_samples, q.dim, generator=generator, dtype=q.loc.dtype,
+                          device=q.loc.device)
+        U = q.loc + q.factor.matmul(eps.T.to(q.factor.dtype)).T.to(q.loc.dtype)
+        log_q = (-0.5 * eps.double().square().sum(1) - float(q.factor.logabsdet())
+                 - 0.5 * q.dim * math.log(2 * math.pi))
+    return U, log_q
+
+
 def psis(q, log_joint: Callable[[Tensor], Tensor], num_samples: int = 1000, *,
          generator: torch.Generator | None = None, warn: bool = True) -> PSISResult:
     """Pareto-smoothed importance weights of ``num_samples`` draws of ``q`` (module docstring).
@@ -204,11 +224,7 @@ def psis(q, log_joint: Callable[[Tensor], Tensor], num_samples: int = 1000, *,
         ValueError: a bad ``num_samples`` or non-finite log densities.
     """
     check_num_samples(num_samples, 25)
+    U, log_q = draw(q, num_samples, generator=generator)
     with torch.no_grad():
-        eps = torch.randn(num_samples, q.dim, generator=generator, dtype=q.loc.dtype,
-                          device=q.loc.device)
-        U = q.loc + q.factor.matmul(eps.T.to(q.factor.dtype)).T.to(q.loc.dtype)
-        log_q = (-0.5 * eps.double().square().sum(1) - float(q.factor.logabsdet())
-                 - 0.5 * q.dim * math.log(2 * math.pi))
         log_p = log_joint(U).double()
     return psis_from_ratios(U, log_p - log_q, warn=warn)
