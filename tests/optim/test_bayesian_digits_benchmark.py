@@ -1,4 +1,4 @@
-"""``benchmarks/bayesian_digits.py``: fair grids, the IVON temperature, and a quick end-to-end run."""
+"""``benchmarks/bayesian_digits.py``: equal grids, IVON's temperature, a quick end-to-end run."""
 
 from __future__ import annotations
 
