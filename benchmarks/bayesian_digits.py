@@ -284,13 +284,14 @@ def plot(results: dict, path: Path) -> None:
                     label=f"{name} (mean ECE {e['ece']:.3f}, NLL {e['nll']:.3f})")
             ax.scatter([b["conf"] for b in bins], [b["acc"] for b in bins],
                        s=[4 + b["count"] / 12 for b in bins])
-        ax.set(title=f"{model_name}: reliability (float32, {len(e['runs'])} seeds pooled, bins "
-                     f"with >= {MIN_BIN} points; marker area ~ count)", xlabel="confidence",
-               ylabel="accuracy",
+        ax.set(title=f"{model_name}, float32", xlabel="confidence", ylabel="accuracy",
                xlim=(0.3, 1.0), ylim=(0.3, 1.0))
         ax.title.set_fontsize(9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    seeds = len(next(iter(next(iter(results.values())).values()))["fp32"]["runs"])
+    fig.suptitle(f"Reliability: the test points of {seeds} seed(s) pooled; bins with >= "
+                 f"{MIN_BIN} points; marker area ~ count", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
