@@ -120,6 +120,12 @@ class VariationalNGD(Sampling, StructuredNGD):
         preconditioner_dtype: ``"auto"`` (default) keeps ``K, C`` in float32 when a parameter is
             bf16/fp16 and in the weight dtype otherwise; or a pair as in StructuredNGD.
         momentum_dtype: ``"auto"`` (default): float32 momenta for bf16/fp16 parameters.
+        extra_damping: ``γ ≥ 0`` added to the damping of the Kronecker factor update only
+            (``λ + γ``; the prior gradient stays ``λμ``): the extrinsic damping of noisy K-FAC.
+            It bounds the preconditioner by ``1/(λ+γ)`` and the posterior variance of a
+            Kronecker layer by ``ρ²/(λ+γ)`` per direction (a narrower, non-Bayesian posterior
+            in directions of low curvature) and steadies training when ``λ = τδ/N`` is tiny.
+            Default 0 (the variational update above).
         master_means: keep a float32 copy of the mean of every bf16/fp16 parameter in the
             state (key ``"mean"``): steps update it and the parameter holds it rounded, so
             updates below the parameter's precision are not lost and draws are made around the
@@ -141,7 +147,8 @@ class VariationalNGD(Sampling, StructuredNGD):
         self, model: nn.Module, params: Iterable[Any] | None = None, *, data_size: float,
         prior_precision: float = 1.0, temperature: float = 1.0, mc_samples: int = 1,
         antithetic: bool = False, preconditioner_dtype: Any = "auto",
-        momentum_dtype: Any = "auto", master_means: bool | None = None, **kwargs: Any,
+        momentum_dtype: Any = "auto", master_means: bool | None = None,
+        extra_damping: float = 0.0, **kwargs: Any,
     ) -> None:
         if "damping" in kwargs:
             raise TypeError("VariationalNGD: damping is set by the prior, λ = temperature · "
@@ -152,7 +159,7 @@ class VariationalNGD(Sampling, StructuredNGD):
         if not isinstance(antithetic, bool):
             raise ValueError(f"antithetic must be a bool, got antithetic={antithetic!r}")
         self._prior_defaults = dict(data_size=data_size, prior_precision=prior_precision,
-                                    temperature=temperature)
+                                    temperature=temperature, extra_damping=extra_damping)
         self._check_prior(self._prior_defaults, "")
         self.mc_samples, self.antithetic = mc_samples, antithetic
         self._means: dict[Tensor, Tensor] = {}  # parameter → its mean while a draw is in place
@@ -188,6 +195,7 @@ class VariationalNGD(Sampling, StructuredNGD):
         _positive("data_size", group["data_size"], where, strict=True)
         _positive("prior_precision", group["prior_precision"], where, strict=False)
         _positive("temperature", group["temperature"], where, strict=False)
+        _positive("extra_damping", group.get("extra_damping", 0.0), where, strict=False)
 
     @staticmethod
     def _damping(group: dict[str, Any]) -> float:
@@ -280,6 +288,14 @@ class VariationalNGD(Sampling, StructuredNGD):
         change of the gradient norm between backward and ``step()`` (user clipping) does not
         apply in the variational mode; the outlier and non-finite rules still do."""
         del param
+
+    def _update_factors(self, layer: kfac.Layer, group: dict[str, Any], factors: Any,
+                        stats: Any, scale: float) -> Any:
+        """The base factor update with the damping ``λ + γ`` (``γ = extra_damping``)."""
+        extra = group.get("extra_damping", 0.0)
+        if extra:
+            group = {**group, "damping": group["damping"] + extra}
+        return super()._update_factors(layer, group, factors, stats, scale)
 
     def _use_sampled_gradients(self, draws: int) -> None:
         """``p.grad ← mean of the draws' gradients``; statistics averaged over the draws.
