@@ -79,6 +79,27 @@ class Structure:
                     f"{t.dtype}/{t.device}, expected {first.dtype}/{first.device}"
                 )
         self._t = {k: tensors[k] for k in expected}
+        self._setup()
+
+    def _setup(self) -> None:
+        """Derive further attributes from ``dim``, ``options`` and ``_t`` (both constructors call
+        it; e.g. a composite structure's parts)."""
+
+    @classmethod
+    def _trusted(cls, dim: int, tensors: Mapping[str, Tensor], options: dict[str, Any]) -> Structure:
+        """Internal constructor that skips the checks of ``__init__``.
+
+        For results of operations on validated instances only: ``options`` must be normalized
+        (an existing instance's ``options``, shared, never mutated) and ``tensors`` have the keys
+        and shapes of :meth:`shapes`. Every op returns a new object, so this is the hot path of a
+        step (the checks cost more than the small tensor ops they guard).
+        """
+        obj = cls.__new__(cls)
+        obj.options = options
+        obj.dim = dim
+        obj._t = dict(tensors)
+        obj._setup()
+        return obj
 
     # ------------------------------------------------------------------ spec and storage
     @classmethod
@@ -125,8 +146,15 @@ class Structure:
                    **opts)
 
     def spec(self) -> dict[str, Any]:
-        """JSON-able description: ``{"name", "dim", "options"}``."""
-        return {"name": self.name, "dim": self.dim, "options": dict(self.options)}
+        """JSON-able description: ``{"name", "dim", "options"}`` (a copy: instances made by an
+        operation share their ``options``)."""
+        return {"name": self.name, "dim": self.dim, "options": _copy_plain(self.options)}
+
+    def same_spec(self, other: Any) -> bool:
+        """Whether ``other`` is a structure with this :meth:`spec` (without copying specs)."""
+        return (isinstance(other, Structure) and other.name == self.name
+                and other.dim == self.dim
+                and (other.options is self.options or other.options == self.options))
 
     def tensors(self) -> dict[str, Tensor]:
         """The stored tensors, ``{name: tensor}`` (shared, not copied)."""
@@ -140,7 +168,8 @@ class Structure:
         return cls(spec["dim"], tensors, **spec.get("options", {}))
 
     def _new(self, tensors: Mapping[str, Tensor]) -> Structure:
-        return type(self)(self.dim, tensors, **self.options)
+        """Same structure and options, new storage (the same keys and shapes)."""
+        return type(self)._trusted(self.dim, tensors, self.options)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -163,7 +192,8 @@ class Structure:
         return self._new({k: t.to(dtype=dtype, device=device) for k, t in self._t.items()})
 
     def identity_like(self) -> Structure:
-        return type(self).identity(self.dim, dtype=self.dtype, device=self.device, **self.options)
+        return self._new(self.identity_tensors(self.dim, dtype=self.dtype, device=self.device,
+                                               **self.options))
 
     def zeros_like(self) -> Structure:
         return self._new({k: torch.zeros_like(t) for k, t in self._t.items()})
@@ -187,7 +217,7 @@ class Structure:
 
     # ------------------------------------------------------------------ linear-space ops
     def _check_same(self, other: Structure, arg: str = "other") -> None:
-        if not isinstance(other, Structure) or other.spec() != self.spec():
+        if not self.same_spec(other):
             got = other.spec() if isinstance(other, Structure) else type(other).__name__
             raise ValueError(f"{arg} must be a structure with spec {self.spec()}, got {got}")
         if other.dtype != self.dtype or other.device != self.device:
@@ -331,6 +361,15 @@ class Structure:
         """``K h(M)`` for a coordinate element ``M`` (MATH §1.2); see
         :mod:`structvi.structures.retraction`."""
         return self.compose(apply_retraction(M, retraction))
+
+
+def _copy_plain(x: Any) -> Any:
+    """A copy of nested dicts, lists and tuples (the leaves, ints and strings, shared)."""
+    if isinstance(x, dict):
+        return {k: _copy_plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_copy_plain(v) for v in x)
+    return x
 
 
 def _check_dim(dim: Any) -> None:
