@@ -188,7 +188,14 @@ class AutoStructuredNormal(AutoContinuous):
         """The covariance factor ``K`` (``Σ = K Kᵀ``), built from the current parameters."""
         self._require_setup("factor")
         tensors = {key: getattr(self, attr) for key, attr in self._factor_attrs.items()}
-        return structure_from_spec(tensors, self._factor_spec)
+        layout = self.__dict__.get("_factor_layout")  # (spec, class, dim, options, shapes)
+        if layout is not None and layout[0] is self._factor_spec and all(
+                t.shape == shape for t, shape in zip(tensors.values(), layout[4])):
+            return layout[1]._trusted(layout[2], tensors, layout[3])  # validated before
+        factor = structure_from_spec(tensors, self._factor_spec)
+        self.__dict__["_factor_layout"] = (self._factor_spec, type(factor), factor.dim,
+                                           factor.options, [t.shape for t in tensors.values()])
+        return factor
 
     def factor_spec(self) -> dict[str, Any]:
         """JSON-able spec of the factor's structure (``Structure.spec()``)."""

@@ -188,8 +188,15 @@ class Structure:
         return sum(t.numel() for t in self._t.values())
 
     def to(self, dtype: torch.dtype | None = None, device=None) -> Structure:
-        """A copy in another dtype and/or on another device."""
+        """A copy in another dtype and/or on another device (``self`` when both are unchanged:
+        structures are immutable, and ``Tensor.to`` shares unchanged tensors anyway)."""
+        if self._same_place(dtype, device):
+            return self
         return self._new({k: t.to(dtype=dtype, device=device) for k, t in self._t.items()})
+
+    def _same_place(self, dtype: torch.dtype | None, device: Any) -> bool:
+        return (dtype is None or dtype == self.dtype) and (
+            device is None or torch.device(device) == self.device)
 
     def identity_like(self) -> Structure:
         return self._new(self.identity_tensors(self.dim, dtype=self.dtype, device=self.device,
@@ -229,6 +236,8 @@ class Structure:
     def add(self, other: Structure, alpha: float = 1.0) -> Structure:
         """``self + alpha * other`` (same structure)."""
         self._check_same(other)
+        if isinstance(alpha, (int, float)) and alpha == 1.0:  # = t + 1.0·o, one kernel fewer
+            return self._new({k: t + other._t[k] for k, t in self._t.items()})
         return self._new({k: t + alpha * other._t[k] for k, t in self._t.items()})
 
     def scale(self, c: float | Tensor) -> Structure:
@@ -242,6 +251,17 @@ class Structure:
     def trace(self) -> Tensor:
         """``tr(self)``."""
         return self.diagonal().sum()
+
+    def power_traces(self, terms: int) -> list[float]:
+        """``[tr(M), tr(M²), …, tr(M^terms)]`` with ``M^(k+1) = M^k.compose(M)`` (the series of
+        ``log|det h(M)|``); one host transfer. Structures override it without the per-power
+        structure objects, with the same products in the same order."""
+        out, P = [], self
+        for k in range(terms):
+            out.append(P.trace())
+            if k + 1 < terms:
+                P = P.compose(self)
+        return torch.stack(out).tolist() if out else []
 
     # ------------------------------------------------------------------ dense forms
     def to_dense(self) -> Tensor:

@@ -166,6 +166,8 @@ class BlockSites(Structure):
         return self._map(lambda b: b.coord_identity())
 
     def to(self, dtype: torch.dtype | None = None, device=None) -> BlockSites:
+        if self._same_place(dtype, device):
+            return self
         return self._map(lambda b: b.to(dtype, device))
 
     # ------------------------------------------------------------------ dense forms

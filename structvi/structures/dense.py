@@ -75,6 +75,14 @@ class Dense(Structure):
     def diagonal(self) -> Tensor:
         return self.matrix.diagonal()
 
+    def power_traces(self, terms: int) -> list[float]:
+        A, out, P = self.matrix, [], self.matrix
+        for k in range(terms):
+            out.append(P.diagonal().sum())
+            if k + 1 < terms:
+                P = P @ A
+        return torch.stack(out).tolist() if out else []
+
     def gram_diagonal(self) -> Tensor:
         return self.matrix.square().sum(-1)
 

@@ -78,6 +78,14 @@ class Diagonal(Structure):
     def diagonal(self) -> Tensor:
         return self.diag
 
+    def power_traces(self, terms: int) -> list[float]:
+        a, out, P = self.diag, [], self.diag
+        for k in range(terms):
+            out.append(P.sum())
+            if k + 1 < terms:
+                P = P * a
+        return torch.stack(out).tolist() if out else []
+
     def gram_diagonal(self) -> Tensor:
         return self.diag.square()
 

@@ -110,7 +110,7 @@ def _unfold(U: Tensor, dims: tuple[int, int], axis: int) -> Tensor:
 def _abs_row_sums(f: Structure) -> Tensor:
     """Row sums of ``|F|``: every structure stores the entries of its matrix on disjoint
     positions, so ``|F|`` is the same structure with ``|tensors|``."""
-    absf = type(f)(f.dim, {k: t.abs() for k, t in f.tensors().items()}, **f.options)
+    absf = f._new({k: t.abs() for k, t in f._t.items()})
     return absf.matmul(torch.ones(f.dim, dtype=f.dtype, device=f.device))
 
 
