@@ -249,13 +249,40 @@ class AutoStructuredNormal(AutoContinuous):
             ``(values, log_abs_det_jacobians)``: per site, the constrained value and
             ``log|det ∂T/∂u|`` elementwise (shape ``batch`` + the site's remaining dims).
         """
+        sites, total, shapes = self._constrain_layout()
+        if latent.shape[-1:] != (total,):
+            raise ValueError(f"expected an unconstrained latent of shape batch + ({total},), got "
+                             f"{tuple(latent.shape)}")
+        batch = tuple(latent.shape[:-1])
+        targets = shapes.get(batch)
+        if targets is None:  # the sites' shapes for this batch shape (as Pyro's _unpack_latent)
+            targets = shapes[batch] = [torch.broadcast_shapes(unc, batch + (1,) * event_dim)
+                                       for _, _, _, unc, event_dim, _ in sites]
         values, ladj = {}, {}
-        for site, u in self._unpack_latent(latent):
-            transform = biject_to(site["fn"].support)
+        for (name, pos, size, _, _, transform), shape in zip(sites, targets):
+            u = latent[..., pos:pos + size].view(shape)
             value = transform(u)
-            values[site["name"]] = value
-            ladj[site["name"]] = transform.log_abs_det_jacobian(u, value)
+            values[name] = value
+            ladj[name] = transform.log_abs_det_jacobian(u, value)
         return values, ladj
+
+    def _constrain_layout(self) -> tuple[list[tuple], int, dict[tuple, list]]:
+        """Per latent site ``(name, offset, size, unconstrained shape, event dims, transform)``,
+        the total size and a cache of site shapes per batch shape; built once per set-up (the
+        same packing as Pyro's ``_unpack_latent``, without rebuilding transforms per call)."""
+        self._require_setup("constrain")
+        layout = self.__dict__.get("_layout_cache")
+        if layout is None or layout[0] is not self.prototype_trace:
+            sites, pos = [], 0
+            for name, site in self.prototype_trace.iter_stochastic_nodes():
+                unc = tuple(self._unconstrained_shapes[name])
+                event_dim = site["fn"].event_dim + len(unc) - len(site["value"].shape)
+                size = math.prod(unc)
+                sites.append((name, pos, size, unc, event_dim, biject_to(site["fn"].support)))
+                pos += size
+            layout = (self.prototype_trace, sites, pos, {})
+            self.__dict__["_layout_cache"] = layout
+        return layout[1], layout[2], layout[3]
 
 
 def _refuse_local_latents(trace: Any) -> None:

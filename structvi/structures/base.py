@@ -306,6 +306,16 @@ class Structure:
         self._check_vec(x)
         return self.to_dense().T @ x
 
+    def apply_along(self, X: Tensor, axis: int, transpose: bool = False) -> Tensor:
+        """``K`` (``Kᵀ`` if ``transpose``) applied along axis 0 or 1 of a 3-D ``X`` whose size
+        on that axis is ``d`` (a Kronecker factor's product; structures may skip the copies of
+        this generic unfolding)."""
+        op = self.rmatmul if transpose else self.matmul
+        if axis == 0:
+            return op(X.reshape(X.shape[0], -1)).reshape(X.shape)
+        d1, d2, n = X.shape
+        return op(X.transpose(0, 1).reshape(d2, -1)).reshape(d2, d1, n).transpose(0, 1)
+
     def solve(self, x: Tensor) -> Tensor:
         """``K^{-1} @ x`` for ``x`` of shape ``(d,)`` or ``(d, n)``, in the structure's dtype.
 

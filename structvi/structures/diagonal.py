@@ -52,6 +52,9 @@ class Diagonal(Structure):
     def rmatmul(self, x: Tensor) -> Tensor:
         return self._scale_rows(x)
 
+    def apply_along(self, X: Tensor, axis: int, transpose: bool = False) -> Tensor:
+        return X * (self.diag[:, None, None] if axis == 0 else self.diag[None, :, None])
+
     def solve(self, x: Tensor) -> Tensor:
         """``K^{-1} x = x / k`` row-wise, O(d n) (log-densities and diagnostics only)."""
         self._check_vec(x)

@@ -358,12 +358,11 @@ class Kronecker(Structure):
     def _apply(self, x: Tensor, transpose: bool) -> Tensor:
         self._check_vec(x)
         f1, f2 = self.factors
-        op1, op2 = (f1.rmatmul, f2.rmatmul) if transpose else (f1.matmul, f2.matmul)
         X = x.reshape(*self.dims, -1)
         if self.kind == "product":  # K₁ X K₂ᵀ
-            out = _along(op2, _along(op1, X, 0), 1)
+            out = f2.apply_along(f1.apply_along(X, 0, transpose), 1, transpose)
         else:  # M₁ X + X M₂ᵀ
-            out = _along(op1, X, 0) + _along(op2, X, 1)
+            out = f1.apply_along(X, 0, transpose) + f2.apply_along(X, 1, transpose)
         return out.reshape(x.shape)
 
     def matmul(self, x: Tensor) -> Tensor:
