@@ -16,7 +16,8 @@ Part 2 — the digits BNN of ``examples/pyro_bnn.py`` (Kronecker NGD vs AutoNorm
 test accuracy, NLL, ECE, full-data ELBO and seconds.
 
 Run: ``python -m benchmarks.pyro_path [--quick]``; writes ``benchmarks/results/pyro_path.json``
-and ``pyro_path.md`` (the markdown tables are also printed). One intra-op thread.
+and ``pyro_path.md`` (``--quick``: under ``benchmarks/results/quick/``; the markdown tables are
+also printed). One intra-op thread.
 """
 
 from __future__ import annotations
@@ -222,8 +223,12 @@ def markdown(logi: list[dict[str, Any]], net: dict[str, Any], meta: dict[str, An
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps, one Adam rate")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--out", default=None,
+                        help="results folder (default benchmarks/results, with --quick "
+                             "benchmarks/results/quick)")
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = str(ROOT / "benchmarks" / "results" / ("quick" if args.quick else ""))
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", category=FutureWarning)
     meta = {"quick": args.quick, "torch": torch.__version__, "pyro": pyro.__version__,

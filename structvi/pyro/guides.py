@@ -35,6 +35,7 @@ from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.initialization import init_to_median
 from torch import Tensor, nn
 from torch.distributions import biject_to
+from torch.distributions.transforms import IndependentTransform, Transform, identity_transform
 
 from structvi.gaussian import StructuredGaussian
 from structvi.structures import structure_from_spec
@@ -242,8 +243,14 @@ class AutoStructuredNormal(AutoContinuous):
         return guide_psis(self, model, num_samples, model_args=args, model_kwargs=kwargs,
                           generator=generator)
 
-    def constrain(self, latent: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    def constrain(self, latent: Tensor, *, skip_zero_jacobians: bool = False
+                  ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Unpack an unconstrained latent of shape ``batch + (d,)`` into site values.
+
+        Args:
+            latent: the unconstrained latent, shape ``batch + (d,)``.
+            skip_zero_jacobians: leave out the sites whose transform is the identity (their
+                log-Jacobian is zero) from the second dict.
 
         Returns:
             ``(values, log_abs_det_jacobians)``: per site, the constrained value and
@@ -263,7 +270,8 @@ class AutoStructuredNormal(AutoContinuous):
             u = latent[..., pos:pos + size].view(shape)
             value = transform(u)
             values[name] = value
-            ladj[name] = transform.log_abs_det_jacobian(u, value)
+            if not (skip_zero_jacobians and _is_identity(transform)):
+                ladj[name] = transform.log_abs_det_jacobian(u, value)
         return values, ladj
 
     def _constrain_layout(self) -> tuple[list[tuple], int, dict[tuple, list]]:
@@ -283,6 +291,13 @@ class AutoStructuredNormal(AutoContinuous):
             layout = (self.prototype_trace, sites, pos, {})
             self.__dict__["_layout_cache"] = layout
         return layout[1], layout[2], layout[3]
+
+
+def _is_identity(transform: Transform) -> bool:
+    """Whether ``transform`` is the identity (of reals, or of reals with event dims)."""
+    while isinstance(transform, IndependentTransform):
+        transform = transform.base_transform
+    return transform == identity_transform
 
 
 def _refuse_local_latents(trace: Any) -> None:
