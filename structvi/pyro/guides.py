@@ -263,7 +263,7 @@ class AutoStructuredNormal(AutoContinuous):
         batch = tuple(latent.shape[:-1])
         targets = shapes.get(batch)
         if targets is None:  # the sites' shapes for this batch shape (as Pyro's _unpack_latent)
-            targets = shapes[batch] = [torch.broadcast_shapes(unc, batch + (1,) * event_dim)
+            targets = shapes[batch] = [_broadcast(unc, batch + (1,) * event_dim)
                                        for _, _, _, unc, event_dim, _ in sites]
         values, ladj = {}, {}
         for (name, pos, size, _, _, transform), shape in zip(sites, targets):
@@ -291,6 +291,19 @@ class AutoStructuredNormal(AutoContinuous):
             layout = (self.prototype_trace, sites, pos, {})
             self.__dict__["_layout_cache"] = layout
         return layout[1], layout[2], layout[3]
+
+
+def _broadcast(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
+    """``torch.broadcast_shapes(a, b)`` for two shapes (without its first-call import of the
+    symbolic-shapes machinery)."""
+    n = max(len(a), len(b))
+    a, b = (1,) * (n - len(a)) + tuple(a), (1,) * (n - len(b)) + tuple(b)
+    out = []
+    for x, y in zip(a, b):
+        if x != y and 1 not in (x, y):
+            raise RuntimeError(f"shapes {a} and {b} are not broadcastable")
+        out.append(y if x == 1 else x)
+    return tuple(out)
 
 
 def _is_identity(transform: Transform) -> bool:

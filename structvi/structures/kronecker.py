@@ -413,9 +413,11 @@ class Kronecker(Structure):
     def retract(self, M: Structure, retraction: str = "quadratic") -> Kronecker:
         """``(K₁ h(M₁)) ⊗ (K₂ h(M₂))`` for ``M = M₁ ⊗ I + I ⊗ M₂`` (exact for ``"expm"``)."""
         self._require("product", "retract")
-        want = self.spec()
-        want["options"]["kind"] = "sum"
-        if not isinstance(M, Kronecker) or M.spec() != want:
+        o = self.options
+        if not (isinstance(M, Kronecker) and M.kind == "sum" and M.dim == self.dim
+                and M.options["dims"] == o["dims"] and M.options["factors"] == o["factors"]):
+            want = self.spec()
+            want["options"]["kind"] = "sum"
             got = M.spec() if isinstance(M, Structure) else type(M).__name__
             raise ValueError(f"M must be a sum-kind coordinate element with spec {want}, got {got}")
         return self._pair(*(f.retract(m, retraction) for f, m in zip(self.factors, M.factors)))
