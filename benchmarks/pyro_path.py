@@ -13,7 +13,8 @@ ELBO of the row's family (dense, diagonal; structvi's low-rank-plus-diagonal *pr
 Pyro's low-rank-plus-diagonal *covariance* are different families).
 
 Part 2 — the digits BNN of ``examples/pyro_bnn.py`` (Kronecker NGD vs AutoNormal + Adam):
-test accuracy, NLL, ECE, full-data ELBO and seconds.
+test accuracy, NLL, ECE, full-data ELBO, wall-clock and CPU seconds (after an untimed warm-up
+of both, so one-time imports count for neither).
 
 Run: ``python -m benchmarks.pyro_path [--quick]``; writes ``benchmarks/results/pyro_path.json``
 and ``pyro_path.md`` (``--quick``: under ``benchmarks/results/quick/``; the markdown tables are
@@ -181,6 +182,9 @@ def bnn(quick: bool) -> dict[str, Any]:
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
     steps = 300 if quick else 1000
+    # Untimed warm-up of both methods: one-time lazy imports and caches (e.g. the first
+    # torch.broadcast_shapes call imports sympy, ~1 s) must not land in whichever runs first.
+    example.main(steps=3, eval_samples=2, verbose=False)
     return {"steps": steps, "hidden": 32, "batch_size": 256,
             "results": example.main(steps=steps, verbose=False)}
 
