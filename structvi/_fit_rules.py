@@ -172,14 +172,12 @@ def logdet_retraction(M: Structure, retraction: str = "quadratic") -> float | No
     if norm == 0.0:
         return 0.0
     coeffs = _log_series(retraction, _MAX_TERMS)
-    total, P = 0.0, M
-    for k, c in enumerate(coeffs, start=1):
-        total += c * float(P.trace())
-        ratio = norm / _RADIUS[retraction]
-        bound = M.dim * max(abs(x) for x in coeffs[k : k + 4]) * norm ** (k + 1) / (1 - ratio)
-        if bound < 1e-12 or k == _MAX_TERMS:
-            break
-        P = P.compose(M)
+    ratio = norm / _RADIUS[retraction]
+    terms = next((k for k in range(1, _MAX_TERMS) if M.dim * max(abs(x) for x in coeffs[k : k + 4])
+                  * norm ** (k + 1) / (1 - ratio) < 1e-12), _MAX_TERMS)
+    total = 0.0
+    for c, t in zip(coeffs, M.power_traces(terms)):  # tr(M^k), k = 1..terms, one transfer
+        total += c * t
     return total
 
 

@@ -35,6 +35,7 @@ from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.initialization import init_to_median
 from torch import Tensor, nn
 from torch.distributions import biject_to
+from torch.distributions.transforms import IndependentTransform, Transform, identity_transform
 
 from structvi.gaussian import StructuredGaussian
 from structvi.structures import structure_from_spec
@@ -188,7 +189,14 @@ class AutoStructuredNormal(AutoContinuous):
         """The covariance factor ``K`` (``Σ = K Kᵀ``), built from the current parameters."""
         self._require_setup("factor")
         tensors = {key: getattr(self, attr) for key, attr in self._factor_attrs.items()}
-        return structure_from_spec(tensors, self._factor_spec)
+        layout = self.__dict__.get("_factor_layout")  # (spec, class, dim, options, shapes)
+        if layout is not None and layout[0] is self._factor_spec and all(
+                t.shape == shape for t, shape in zip(tensors.values(), layout[4])):
+            return layout[1]._trusted(layout[2], tensors, layout[3])  # validated before
+        factor = structure_from_spec(tensors, self._factor_spec)
+        self.__dict__["_factor_layout"] = (self._factor_spec, type(factor), factor.dim,
+                                           factor.options, [t.shape for t in tensors.values()])
+        return factor
 
     def factor_spec(self) -> dict[str, Any]:
         """JSON-able spec of the factor's structure (``Structure.spec()``)."""
@@ -235,20 +243,74 @@ class AutoStructuredNormal(AutoContinuous):
         return guide_psis(self, model, num_samples, model_args=args, model_kwargs=kwargs,
                           generator=generator)
 
-    def constrain(self, latent: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    def constrain(self, latent: Tensor, *, skip_zero_jacobians: bool = False
+                  ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Unpack an unconstrained latent of shape ``batch + (d,)`` into site values.
+
+        Args:
+            latent: the unconstrained latent, shape ``batch + (d,)``.
+            skip_zero_jacobians: leave out the sites whose transform is the identity (their
+                log-Jacobian is zero) from the second dict.
 
         Returns:
             ``(values, log_abs_det_jacobians)``: per site, the constrained value and
             ``log|det ∂T/∂u|`` elementwise (shape ``batch`` + the site's remaining dims).
         """
+        sites, total, shapes = self._constrain_layout()
+        if latent.shape[-1:] != (total,):
+            raise ValueError(f"expected an unconstrained latent of shape batch + ({total},), got "
+                             f"{tuple(latent.shape)}")
+        batch = tuple(latent.shape[:-1])
+        targets = shapes.get(batch)
+        if targets is None:  # the sites' shapes for this batch shape (as Pyro's _unpack_latent)
+            targets = shapes[batch] = [_broadcast(unc, batch + (1,) * event_dim)
+                                       for _, _, _, unc, event_dim, _ in sites]
         values, ladj = {}, {}
-        for site, u in self._unpack_latent(latent):
-            transform = biject_to(site["fn"].support)
+        for (name, pos, size, _, _, transform), shape in zip(sites, targets):
+            u = latent[..., pos:pos + size].view(shape)
             value = transform(u)
-            values[site["name"]] = value
-            ladj[site["name"]] = transform.log_abs_det_jacobian(u, value)
+            values[name] = value
+            if not (skip_zero_jacobians and _is_identity(transform)):
+                ladj[name] = transform.log_abs_det_jacobian(u, value)
         return values, ladj
+
+    def _constrain_layout(self) -> tuple[list[tuple], int, dict[tuple, list]]:
+        """Per latent site ``(name, offset, size, unconstrained shape, event dims, transform)``,
+        the total size and a cache of site shapes per batch shape; built once per set-up (the
+        same packing as Pyro's ``_unpack_latent``, without rebuilding transforms per call)."""
+        self._require_setup("constrain")
+        layout = self.__dict__.get("_layout_cache")
+        if layout is None or layout[0] is not self.prototype_trace:
+            sites, pos = [], 0
+            for name, site in self.prototype_trace.iter_stochastic_nodes():
+                unc = tuple(self._unconstrained_shapes[name])
+                event_dim = site["fn"].event_dim + len(unc) - len(site["value"].shape)
+                size = math.prod(unc)
+                sites.append((name, pos, size, unc, event_dim, biject_to(site["fn"].support)))
+                pos += size
+            layout = (self.prototype_trace, sites, pos, {})
+            self.__dict__["_layout_cache"] = layout
+        return layout[1], layout[2], layout[3]
+
+
+def _broadcast(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
+    """``torch.broadcast_shapes(a, b)`` for two shapes (without its first-call import of the
+    symbolic-shapes machinery)."""
+    n = max(len(a), len(b))
+    a, b = (1,) * (n - len(a)) + tuple(a), (1,) * (n - len(b)) + tuple(b)
+    out = []
+    for x, y in zip(a, b):
+        if x != y and 1 not in (x, y):
+            raise RuntimeError(f"shapes {a} and {b} are not broadcastable")
+        out.append(y if x == 1 else x)
+    return tuple(out)
+
+
+def _is_identity(transform: Transform) -> bool:
+    """Whether ``transform`` is the identity (of reals, or of reals with event dims)."""
+    while isinstance(transform, IndependentTransform):
+        transform = transform.base_transform
+    return transform == identity_transform
 
 
 def _refuse_local_latents(trace: Any) -> None:

@@ -184,7 +184,7 @@ def latent_log_joint(
         return trace
 
     def single(u: Tensor) -> Tensor:
-        values, ladj = guide.constrain(u)
+        values, ladj = guide.constrain(u, skip_zero_jacobians=True)
         return _trace_log_joint(trace_at(values), ladj, None, None)
 
     def log_joint(U: Tensor) -> Tensor:
@@ -202,7 +202,8 @@ def latent_log_joint(
                 out = torch.cat([head, torch.func.vmap(single, randomness="same")(U[1:])])
             return out
         n = U.shape[0]
-        values, ladj = guide.constrain(U.reshape((n,) + (1,) * max_plate_nesting + U.shape[1:]))
+        values, ladj = guide.constrain(U.reshape((n,) + (1,) * max_plate_nesting + U.shape[1:]),
+                                       skip_zero_jacobians=True)
         return _trace_log_joint(trace_at(values, (n, dim)), ladj, n, dim)
 
     log_joint.mode = mode

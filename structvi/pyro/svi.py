@@ -296,8 +296,7 @@ class NaturalGradientSVI:
         fitter = self._ensure_setup(args, kwargs)
         guide = self._q_guide
         factor = guide.factor
-        factor = type(factor)(factor.dim, {k: t.detach().clone() for k, t in
-                                           factor.tensors().items()}, **factor.options)
+        factor = factor._new({k: t.detach().clone() for k, t in factor._t.items()})
         fitter.state = fitter.state._replace(loc=guide.loc.detach().clone(), factor=factor)
         log_joint = self._log_joint(args, kwargs)
         fitter.log_joint = log_joint

@@ -15,7 +15,6 @@ Conventions for vectors: ``x`` has shape ``(d,)`` or ``(d, n)`` (``n`` column ve
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -23,6 +22,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from structvi.structures._util import (  # noqa: F401 -- re-exported (their first home)
+    LOG_2PI_E, _check_dim, _copy_plain, check_int_option, solve_dtype, solve_small, sym,
+)
 from structvi.structures.retraction import apply_retraction
 
 __all__ = ["NaiveFallbackWarning", "Structure"]
@@ -79,6 +81,27 @@ class Structure:
                     f"{t.dtype}/{t.device}, expected {first.dtype}/{first.device}"
                 )
         self._t = {k: tensors[k] for k in expected}
+        self._setup()
+
+    def _setup(self) -> None:
+        """Derive further attributes from ``dim``, ``options`` and ``_t`` (both constructors call
+        it; e.g. a composite structure's parts)."""
+
+    @classmethod
+    def _trusted(cls, dim: int, tensors: Mapping[str, Tensor], options: dict[str, Any]) -> Structure:
+        """Internal constructor that skips the checks of ``__init__``.
+
+        For results of operations on validated instances only: ``options`` must be normalized
+        (an existing instance's ``options``, shared, never mutated) and ``tensors`` have the keys
+        and shapes of :meth:`shapes`. Every op returns a new object, so this is the hot path of a
+        step (the checks cost more than the small tensor ops they guard).
+        """
+        obj = cls.__new__(cls)
+        obj.options = options
+        obj.dim = dim
+        obj._t = dict(tensors)
+        obj._setup()
+        return obj
 
     # ------------------------------------------------------------------ spec and storage
     @classmethod
@@ -125,8 +148,15 @@ class Structure:
                    **opts)
 
     def spec(self) -> dict[str, Any]:
-        """JSON-able description: ``{"name", "dim", "options"}``."""
-        return {"name": self.name, "dim": self.dim, "options": dict(self.options)}
+        """JSON-able description: ``{"name", "dim", "options"}`` (a copy: instances made by an
+        operation share their ``options``)."""
+        return {"name": self.name, "dim": self.dim, "options": _copy_plain(self.options)}
+
+    def same_spec(self, other: Any) -> bool:
+        """Whether ``other`` is a structure with this :meth:`spec` (without copying specs)."""
+        return (isinstance(other, Structure) and other.name == self.name
+                and other.dim == self.dim
+                and (other.options is self.options or other.options == self.options))
 
     def tensors(self) -> dict[str, Tensor]:
         """The stored tensors, ``{name: tensor}`` (shared, not copied)."""
@@ -140,7 +170,8 @@ class Structure:
         return cls(spec["dim"], tensors, **spec.get("options", {}))
 
     def _new(self, tensors: Mapping[str, Tensor]) -> Structure:
-        return type(self)(self.dim, tensors, **self.options)
+        """Same structure and options, new storage (the same keys and shapes)."""
+        return type(self)._trusted(self.dim, tensors, self.options)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -159,11 +190,19 @@ class Structure:
         return sum(t.numel() for t in self._t.values())
 
     def to(self, dtype: torch.dtype | None = None, device=None) -> Structure:
-        """A copy in another dtype and/or on another device."""
+        """A copy in another dtype and/or on another device (``self`` when both are unchanged:
+        structures are immutable, and ``Tensor.to`` shares unchanged tensors anyway)."""
+        if self._same_place(dtype, device):
+            return self
         return self._new({k: t.to(dtype=dtype, device=device) for k, t in self._t.items()})
 
+    def _same_place(self, dtype: torch.dtype | None, device: Any) -> bool:
+        return (dtype is None or dtype == self.dtype) and (
+            device is None or torch.device(device) == self.device)
+
     def identity_like(self) -> Structure:
-        return type(self).identity(self.dim, dtype=self.dtype, device=self.device, **self.options)
+        return self._new(self.identity_tensors(self.dim, dtype=self.dtype, device=self.device,
+                                               **self.options))
 
     def zeros_like(self) -> Structure:
         return self._new({k: torch.zeros_like(t) for k, t in self._t.items()})
@@ -187,7 +226,7 @@ class Structure:
 
     # ------------------------------------------------------------------ linear-space ops
     def _check_same(self, other: Structure, arg: str = "other") -> None:
-        if not isinstance(other, Structure) or other.spec() != self.spec():
+        if not self.same_spec(other):
             got = other.spec() if isinstance(other, Structure) else type(other).__name__
             raise ValueError(f"{arg} must be a structure with spec {self.spec()}, got {got}")
         if other.dtype != self.dtype or other.device != self.device:
@@ -199,6 +238,8 @@ class Structure:
     def add(self, other: Structure, alpha: float = 1.0) -> Structure:
         """``self + alpha * other`` (same structure)."""
         self._check_same(other)
+        if isinstance(alpha, (int, float)) and alpha == 1.0:  # = t + 1.0·o, one kernel fewer
+            return self._new({k: t + other._t[k] for k, t in self._t.items()})
         return self._new({k: t + alpha * other._t[k] for k, t in self._t.items()})
 
     def scale(self, c: float | Tensor) -> Structure:
@@ -212,6 +253,17 @@ class Structure:
     def trace(self) -> Tensor:
         """``tr(self)``."""
         return self.diagonal().sum()
+
+    def power_traces(self, terms: int) -> list[float]:
+        """``[tr(M), tr(M²), …, tr(M^terms)]`` with ``M^(k+1) = M^k.compose(M)`` (the series of
+        ``log|det h(M)|``); one host transfer. Structures override it without the per-power
+        structure objects, with the same products in the same order."""
+        out, P = [], self
+        for k in range(terms):
+            out.append(P.trace())
+            if k + 1 < terms:
+                P = P.compose(self)
+        return torch.stack(out).tolist() if out else []
 
     # ------------------------------------------------------------------ dense forms
     def to_dense(self) -> Tensor:
@@ -255,6 +307,16 @@ class Structure:
         self._warn("rmatmul")
         self._check_vec(x)
         return self.to_dense().T @ x
+
+    def apply_along(self, X: Tensor, axis: int, transpose: bool = False) -> Tensor:
+        """``K`` (``Kᵀ`` if ``transpose``) applied along axis 0 or 1 of a 3-D ``X`` whose size
+        on that axis is ``d`` (a Kronecker factor's product; structures may skip the copies of
+        this generic unfolding)."""
+        op = self.rmatmul if transpose else self.matmul
+        if axis == 0:
+            return op(X.reshape(X.shape[0], -1)).reshape(X.shape)
+        d1, d2, n = X.shape
+        return op(X.transpose(0, 1).reshape(d2, -1)).reshape(d2, d1, n).transpose(0, 1)
 
     def solve(self, x: Tensor) -> Tensor:
         """``K^{-1} @ x`` for ``x`` of shape ``(d,)`` or ``(d, n)``, in the structure's dtype.
@@ -331,48 +393,3 @@ class Structure:
         """``K h(M)`` for a coordinate element ``M`` (MATH §1.2); see
         :mod:`structvi.structures.retraction`."""
         return self.compose(apply_retraction(M, retraction))
-
-
-def _check_dim(dim: Any) -> None:
-    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-        raise ValueError(f"dim must be an integer >= 1, got dim={dim!r}")
-
-
-def check_int_option(name: str, value: Any, low: int, high: int | None, structure: str) -> int:
-    """Validate an integer option; the message names the argument, value and range."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{structure}: {name} must be an integer, got {name}={value!r}")
-    if value < low or (high is not None and value > high):
-        rng = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{structure}: {name} must be {rng}, got {name}={value}")
-    return value
-
-
-def solve_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype solves run in: ``dtype`` promoted to at least float32 (CPU has no half LU or
-    triangular solve, and one rounding at the end keeps half-precision solves accurate)."""
-    return torch.promote_types(dtype, torch.float32)
-
-
-def solve_small(A: Tensor, X: Tensor) -> Tensor:
-    """``A^{-1} X`` for a small dense (or batched ``(..., k, k)``) ``A`` and ``X`` ``(..., k, n)``.
-
-    Computed in :func:`solve_dtype` of ``A`` and returned in that dtype (callers round once). A
-    ``1×1`` system is a division (no LU); an empty one returns ``X``.
-    """
-    acc = solve_dtype(A.dtype)
-    A, X = A.to(acc), X.to(acc)
-    k = A.shape[-1]
-    if k == 0:
-        return X
-    if k == 1:
-        return X / A
-    return torch.linalg.solve(A, X)
-
-
-def sym(A: Tensor) -> Tensor:
-    """``½(A + Aᵀ)``."""
-    return 0.5 * (A + A.transpose(-1, -2))
-
-
-LOG_2PI_E = math.log(2 * math.pi * math.e)

@@ -66,13 +66,14 @@ class BlockSites(Structure):
 
     name = "block_sites"
 
-    def __init__(self, dim: int, tensors: Mapping[str, Tensor], **options: Any) -> None:
-        super().__init__(dim, tensors, **options)
+    def _setup(self) -> None:
+        # the constructor has checked options, keys, shapes and a shared dtype/device
         self.blocks: list[Structure] = []
         for i, spec in enumerate(self.options["blocks"]):
             cls = get_structure_class(spec["name"])
-            own = {k: self._t[f"{i}:{k}"] for k in cls.shapes(spec["dim"], **spec["options"])}
-            self.blocks.append(cls(spec["dim"], own, **spec["options"]))
+            prefix = f"{i}:"
+            own = {k[len(prefix):]: t for k, t in self._t.items() if k.startswith(prefix)}
+            self.blocks.append(cls._trusted(spec["dim"], own, spec["options"]))
         self.sizes = [b.dim for b in self.blocks]
 
     # ------------------------------------------------------------------ spec and storage
@@ -125,8 +126,21 @@ class BlockSites(Structure):
 
     def _map(self, fn, *others: BlockSites) -> BlockSites:
         """A new ``BlockSites`` whose block ``i`` is ``fn(self.blocks[i], others[..][i])``."""
-        parts = [fn(b, *(o.blocks[i] for o in others)) for i, b in enumerate(self.blocks)]
-        return BlockSites.from_blocks(parts)
+        return self._of_parts([fn(b, *(o.blocks[i] for o in others))
+                               for i, b in enumerate(self.blocks)])
+
+    def _of_parts(self, parts: list[Structure]) -> BlockSites:
+        """The block-diagonal structure of ``parts``, made by ops on this one's blocks (same
+        dims and kinds): no re-validation, no rebuilt blocks."""
+        if all(p.options is b.options and p.name == b.name for p, b in zip(parts, self.blocks)):
+            options = self.options
+        else:
+            options = {"blocks": [{"name": p.name, "dim": p.dim, "options": p.options}
+                                  for p in parts]}
+        out = BlockSites.__new__(BlockSites)
+        out.options, out.dim, out.blocks, out.sizes = options, self.dim, parts, self.sizes
+        out._t = {f"{i}:{k}": t for i, p in enumerate(parts) for k, t in p._t.items()}
+        return out
 
     def _split(self, x: Tensor) -> tuple[Tensor, ...]:
         return torch.split(x, self.sizes, dim=0)
@@ -152,6 +166,8 @@ class BlockSites(Structure):
         return self._map(lambda b: b.coord_identity())
 
     def to(self, dtype: torch.dtype | None = None, device=None) -> BlockSites:
+        if self._same_place(dtype, device):
+            return self
         return self._map(lambda b: b.to(dtype, device))
 
     # ------------------------------------------------------------------ dense forms
@@ -167,11 +183,11 @@ class BlockSites(Structure):
 
     def from_dense(self, A: Tensor) -> BlockSites:
         parts = self._diag_blocks(A)
-        return BlockSites.from_blocks([b.from_dense(a) for b, a in zip(self.blocks, parts)])
+        return self._of_parts([b.from_dense(a) for b, a in zip(self.blocks, parts)])
 
     def project(self, Y: Tensor) -> BlockSites:
         parts = self._diag_blocks(Y)
-        return BlockSites.from_blocks([b.project(y) for b, y in zip(self.blocks, parts)])
+        return self._of_parts([b.project(y) for b, y in zip(self.blocks, parts)])
 
     # ------------------------------------------------------------------ structured ops
     def matmul(self, x: Tensor) -> Tensor:
@@ -197,12 +213,12 @@ class BlockSites(Structure):
         self._check_vec(U, "U")
         self._check_vec(V, "V")
         pairs = zip(self.blocks, self._split(U), self._split(V))
-        return BlockSites.from_blocks([b.project_outer(u, v) for b, u, v in pairs])
+        return self._of_parts([b.project_outer(u, v) for b, u, v in pairs])
 
     def inner_project(self, X: Tensor) -> BlockSites:
         self._check_vec(X, "X")
         pairs = zip(self.blocks, self._split(X))
-        return BlockSites.from_blocks([b.inner_project(x) for b, x in pairs])
+        return self._of_parts([b.inner_project(x) for b, x in pairs])
 
     def inner_project_self(self) -> BlockSites:
         return self._map(lambda b: b.inner_project_self())

@@ -52,6 +52,9 @@ class Diagonal(Structure):
     def rmatmul(self, x: Tensor) -> Tensor:
         return self._scale_rows(x)
 
+    def apply_along(self, X: Tensor, axis: int, transpose: bool = False) -> Tensor:
+        return X * (self.diag[:, None, None] if axis == 0 else self.diag[None, :, None])
+
     def solve(self, x: Tensor) -> Tensor:
         """``K^{-1} x = x / k`` row-wise, O(d n) (log-densities and diagnostics only)."""
         self._check_vec(x)
@@ -77,6 +80,14 @@ class Diagonal(Structure):
 
     def diagonal(self) -> Tensor:
         return self.diag
+
+    def power_traces(self, terms: int) -> list[float]:
+        a, out, P = self.diag, [], self.diag
+        for k in range(terms):
+            out.append(P.sum())
+            if k + 1 < terms:
+                P = P * a
+        return torch.stack(out).tolist() if out else []
 
     def gram_diagonal(self) -> Tensor:
         return self.diag.square()

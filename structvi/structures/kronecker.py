@@ -110,7 +110,7 @@ def _unfold(U: Tensor, dims: tuple[int, int], axis: int) -> Tensor:
 def _abs_row_sums(f: Structure) -> Tensor:
     """Row sums of ``|F|``: every structure stores the entries of its matrix on disjoint
     positions, so ``|F|`` is the same structure with ``|tensors|``."""
-    absf = type(f)(f.dim, {k: t.abs() for k, t in f.tensors().items()}, **f.options)
+    absf = f._new({k: t.abs() for k, t in f._t.items()})
     return absf.matmul(torch.ones(f.dim, dtype=f.dtype, device=f.device))
 
 
@@ -138,13 +138,12 @@ class Kronecker(Structure):
     newton_step = False
     stable_step_size = 0.9
 
-    def __init__(self, dim: int, tensors: Mapping[str, Tensor], **options: Any) -> None:
-        # the base class checks options, keys, shapes and a shared dtype/device
-        super().__init__(dim, tensors, **options)
+    def _setup(self) -> None:
+        # the constructor has checked options, keys, shapes and a shared dtype/device
         factors = []
-        for i, (d, spec) in enumerate(zip(self.dims, self.options["factors"])):
+        for i, (d, spec) in enumerate(zip(self.options["dims"], self.options["factors"])):
             own = {k.split(".", 1)[1]: t for k, t in self._t.items() if k.startswith(f"{i}.")}
-            factors.append(get_structure_class(spec["name"])(d, own, **spec["options"]))
+            factors.append(get_structure_class(spec["name"])._trusted(d, own, spec["options"]))
         self.factors: tuple[Structure, Structure] = (factors[0], factors[1])
 
     # ------------------------------------------------------------------ spec and storage
@@ -230,7 +229,20 @@ class Kronecker(Structure):
         return sum(f.num_params() for f in self.factors)
 
     def _pair(self, f1: Structure, f2: Structure, kind: str | None = None) -> Kronecker:
-        return type(self).from_factors(f1, f2, kind or self.kind)
+        """``f1 ⊗ f2`` or ``f1 ⊗ I + I ⊗ f2`` from factors made by ops on this one's factors
+        (same dims and specs up to their options): no re-validation, no rebuilt factors."""
+        kind = kind or self.kind
+        g1, g2 = self.factors
+        if kind == self.kind and f1.options is g1.options and f2.options is g2.options \
+                and f1.name == g1.name and f2.name == g2.name:
+            options = self.options
+        else:
+            options = {"dims": self.options["dims"], "kind": kind,
+                       "factors": [{"name": f.name, "options": f.options} for f in (f1, f2)]}
+        tensors = {f"{i}.{k}": t for i, f in enumerate((f1, f2)) for k, t in f._t.items()}
+        out = type(self).__new__(type(self))
+        out.options, out.dim, out._t, out.factors = options, self.dim, tensors, (f1, f2)
+        return out
 
     def spec(self) -> dict[str, Any]:
         """``{"name": "kronecker", "dim", "options": {"dims", "factors", "kind"}}`` (a copy)."""
@@ -346,12 +358,11 @@ class Kronecker(Structure):
     def _apply(self, x: Tensor, transpose: bool) -> Tensor:
         self._check_vec(x)
         f1, f2 = self.factors
-        op1, op2 = (f1.rmatmul, f2.rmatmul) if transpose else (f1.matmul, f2.matmul)
         X = x.reshape(*self.dims, -1)
         if self.kind == "product":  # K₁ X K₂ᵀ
-            out = _along(op2, _along(op1, X, 0), 1)
+            out = f2.apply_along(f1.apply_along(X, 0, transpose), 1, transpose)
         else:  # M₁ X + X M₂ᵀ
-            out = _along(op1, X, 0) + _along(op2, X, 1)
+            out = f1.apply_along(X, 0, transpose) + f2.apply_along(X, 1, transpose)
         return out.reshape(x.shape)
 
     def matmul(self, x: Tensor) -> Tensor:
@@ -402,9 +413,11 @@ class Kronecker(Structure):
     def retract(self, M: Structure, retraction: str = "quadratic") -> Kronecker:
         """``(K₁ h(M₁)) ⊗ (K₂ h(M₂))`` for ``M = M₁ ⊗ I + I ⊗ M₂`` (exact for ``"expm"``)."""
         self._require("product", "retract")
-        want = self.spec()
-        want["options"]["kind"] = "sum"
-        if not isinstance(M, Kronecker) or M.spec() != want:
+        o = self.options
+        if not (isinstance(M, Kronecker) and M.kind == "sum" and M.dim == self.dim
+                and M.options["dims"] == o["dims"] and M.options["factors"] == o["factors"]):
+            want = self.spec()
+            want["options"]["kind"] = "sum"
             got = M.spec() if isinstance(M, Structure) else type(M).__name__
             raise ValueError(f"M must be a sum-kind coordinate element with spec {want}, got {got}")
         return self._pair(*(f.retract(m, retraction) for f, m in zip(self.factors, M.factors)))
