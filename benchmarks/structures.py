@@ -8,7 +8,13 @@ exponent ``log(t(4096)/t(256)) / log(16)`` shows the cost order (≈1 for diagon
 compositions inside the engine step). A second sweep runs the linear-cost structures at
 d ∈ {4096, 65536, 1048576}, where their per-call overhead no longer hides the growth.
 
-Run: ``python -m benchmarks.structures [--quick] [--out benchmarks/results/structures.json]``.
+Times are CPU seconds of the process (``time.process_time``, :func:`timeit`) with one intra-op
+thread by default (``--threads``): on a shared machine wall times of long calls grow with the
+load, and a second thread waiting for a descheduled partner inflates the median of
+sub-millisecond calls by orders of magnitude.
+
+Run: ``python -m benchmarks.structures [--quick] [--threads N]
+[--out benchmarks/results/structures.json]`` (quick: ``benchmarks/results/quick/``).
 """
 
 from __future__ import annotations
@@ -45,14 +51,20 @@ def configs(d: int) -> dict[str, dict]:
 
 
 def timeit(fn, budget: float = 0.3, max_reps: int = 50) -> float:
-    """Median seconds per call: one warm-up, then repeat until ``budget`` seconds are spent."""
+    """Median CPU seconds per call: one warm-up, then repeat until ``budget`` CPU seconds are spent.
+
+    CPU time of this process (``time.process_time``), not wall time: on a shared machine a long
+    call is preempted and its wall time grows with the load while short calls fit in one time
+    slice, which biases the growth exponents upwards (measured: a float32 ``(4096, 4096) @
+    (4096, 16)`` took 31.6 ms wall, 12.5 ms CPU at load 5.8 on 2 cores).
+    """
     fn()
     times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < max_reps and (time.perf_counter() - start < budget or len(times) < 3):
-        t0 = time.perf_counter()
+    start = time.process_time()
+    while len(times) < max_reps and (time.process_time() - start < budget or len(times) < 3):
+        t0 = time.process_time()
         fn()
-        times.append(time.perf_counter() - t0)
+        times.append(time.process_time() - t0)
     times.sort()
     return times[len(times) // 2]
 
@@ -95,7 +107,7 @@ def growth(rows: list[dict], key: str) -> dict:
 def markdown(rows: list[dict], dims: list[int]) -> str:
     lines = [
         "| structure | dtype | storage (floats) at d=" + "/".join(map(str, dims))
-        + " | matmul ms | inner_project ms | engine step ms |",
+        + " | matmul CPU ms | inner_project CPU ms | engine step CPU ms |",
         "|---|---|---|---|---|---|",
     ]
     keyed: dict[tuple[str, str], list[dict]] = {}
@@ -146,8 +158,11 @@ def growth_table(rows: list[dict], dims: list[int]) -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="d ∈ {64, 256} only")
-    parser.add_argument("--out", default="benchmarks/results/structures.json")
+    parser.add_argument("--out", default=None, help="results .json path (default "
+                        "benchmarks/results/structures.json, quick: benchmarks/results/quick/)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     dims = [64, 256] if args.quick else [256, 1024, 4096]
     large = [1024, 16384] if args.quick else [4096, 65536, 1048576]
     gen = torch.Generator().manual_seed(0)
@@ -166,7 +181,8 @@ def main(argv: list[str] | None = None) -> dict:
                                   ("storage_floats", "matmul_s", "inner_project_s",
                                    "engine_step_s")},
     }
-    out = Path(args.out)
+    out = Path(args.out or (f"benchmarks/results/{'quick/' if args.quick else ''}"
+                            "structures.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     table = markdown(rows, dims) + "\n\n" + growth_table(rows, dims)
