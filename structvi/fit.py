@@ -31,7 +31,9 @@ default configuration (:func:`structvi.schedules.default_config`) gives each str
 step size that converges for it (1, a Newton step, for the dense, triangular and block families;
 0.5 for Toeplitz; 0.9 for Kronecker) and takes the mean step by a few conjugate-gradient
 iterations with Hessian-vector products of the target at the mean, preconditioned by ``K Kᵀ`` and
-bounded by a trust region of 5 standard deviations of ``q``. With ``mean_cg_iters = 0`` the
+bounded by a trust region of 5 standard deviations of ``q``; for ``d ≤ 64`` that Hessian is formed
+by one batched backward pass and reused while the mean stays within half a standard deviation in
+its metric (:mod:`structvi._fit_curvature`). With ``mean_cg_iters = 0`` the
 fitter instead caps the plain mean step by an exact line search on the local quadratic model
 (:func:`_mean_line_search`), which leaves a Newton step unchanged.
 """
