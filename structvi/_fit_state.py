@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from structvi._fit_curvature import MeanCurvature
 from structvi._fit_history import History
 from structvi.engine import NGDConfig, NGDState
 
@@ -50,9 +51,11 @@ def check_state_dict(fitter: Fitter, sd: Any) -> dict[str, Any]:
     logdet = sd.get("log_abs_det")
     if logdet is not None and not (isinstance(logdet, (int, float)) and math.isfinite(logdet)):
         raise ValueError(f"state_dict log_abs_det must be a finite number, got {logdet!r}")
+    curvature = MeanCurvature.check_state(sd.get("mean_curvature"), state.loc.shape[0])
     return {"state": state, "generator": gen, "record": record, "iteration": iteration,
             "elapsed": float(elapsed), "step_scale": float(scale),
-            "log_abs_det": None if logdet is None else float(logdet)}
+            "log_abs_det": None if logdet is None else float(logdet),
+            "mean_curvature": curvature}
 
 
 def _check_engine(fitter: Fitter, state: NGDState) -> None:
@@ -183,6 +186,7 @@ def fitter_state_dict(fitter: Fitter) -> dict[str, Any]:
         "estimator": fitter.estimator,
         "num_samples": fitter.num_samples,
         "temperature": fitter.temperature,
+        "mean_curvature": fitter.curvature.state_dict(),
     }
 
 
@@ -197,3 +201,4 @@ def apply_state_dict(fitter: Fitter, parsed: dict[str, Any]) -> None:
     fitter._logdet_factor = None if parsed["log_abs_det"] is None else fitter.state.factor
     fitter._logdet = 0.0 if parsed["log_abs_det"] is None else parsed["log_abs_det"]
     fitter._sync_logdet()
+    fitter.curvature.load(parsed["mean_curvature"])

@@ -31,7 +31,9 @@ default configuration (:func:`structvi.schedules.default_config`) gives each str
 step size that converges for it (1, a Newton step, for the dense, triangular and block families;
 0.5 for Toeplitz; 0.9 for Kronecker) and takes the mean step by a few conjugate-gradient
 iterations with Hessian-vector products of the target at the mean, preconditioned by ``K Kᵀ`` and
-bounded by a trust region of 5 standard deviations of ``q``. With ``mean_cg_iters = 0`` the
+bounded by a trust region of 5 standard deviations of ``q``; for ``d ≤ 64`` that Hessian is formed
+by one batched backward pass and reused while the mean stays within half a standard deviation in
+its metric (:mod:`structvi._fit_curvature`). With ``mean_cg_iters = 0`` the
 fitter instead caps the plain mean step by an exact line search on the local quadratic model
 (:func:`_mean_line_search`), which leaves a Newton step unchanged.
 """
@@ -48,6 +50,7 @@ import torch
 from torch import Tensor
 
 from structvi import distributed, engine
+from structvi._fit_curvature import MeanCurvature
 from structvi._fit_history import History
 from structvi._fit_rules import StepRule, propose
 from structvi._fit_types import STOP_REASONS, FitResult, FitStopped, StepRecord
@@ -187,6 +190,7 @@ class Fitter:
         self._logdet_factor: Any = None
         self._logdet = 0.0
         self._sync_logdet()
+        self.curvature = MeanCurvature()
 
     # ------------------------------------------------------------------ views
     @property
@@ -317,14 +321,12 @@ class Fitter:
         self.step_scale = min(1.0, prop.scale * 2.0) if prop.tries == 1 else prop.scale
 
     def _mean_hvp(self, loc: Tensor) -> Callable[[Tensor], Tensor]:
-        """``v ↦ ∇²(−log_joint)(μ) v`` for the CG mean step (points in the target's dtype, the
-        products in float32 or wider; data parallel: ``Σ_r w_r`` of the ranks' products)."""
-        point = loc.to(engine.accumulation_dtype(loc.dtype))[None]
-        dtype = self.point_dtype
-        hvp = engine.target_hvp(lambda Z: self.log_joint(Z.to(dtype)).to(Z.dtype), point)
-        if self.data_parallel is None:
-            return hvp
-        return lambda v: self.data_parallel.reduce_values(hvp(v))
+        """``v ↦ ∇²(−log_joint)(μ) v`` for the CG mean step (:class:`MeanCurvature`: formed
+        explicitly for small ``d`` and reused while the mean stays close; points in the
+        target's dtype, the products in float32 or wider; data parallel: ``Σ_r w_r`` of the
+        ranks' products)."""
+        reduce = None if self.data_parallel is None else self.data_parallel.reduce_values
+        return self.curvature.operator(self.log_joint, loc, self.point_dtype, reduce)
 
     def _evaluate(self, Z: Tensor) -> Tensor:
         """``log_joint`` at proposed points, without gradients, widened to the work dtype."""

@@ -38,7 +38,8 @@ from torch import Tensor
 
 from structvi.structures.base import Structure
 
-__all__ = ["accumulation_dtype", "plain_direction", "target_hvp", "trust_region_cg"]
+__all__ = ["accumulation_dtype", "plain_direction", "target_hessian", "target_hvp",
+           "trust_region_cg"]
 
 HVP = Callable[[Tensor], Tensor]
 
@@ -49,6 +50,33 @@ def accumulation_dtype(*dtypes: torch.dtype) -> torch.dtype:
     for dt in dtypes:
         out = torch.promote_types(out, dt)
     return out
+
+
+def _gradient_graph(log_joint: Callable[[Tensor], Tensor], points: Tensor) -> tuple[Tensor, Tensor]:
+    """``(Z, G)``: the points as a leaf and ``G = ∇(−Σ log_joint)(Z)`` with its graph kept."""
+    with torch.enable_grad():
+        Z = points.detach().requires_grad_(True)
+        values = log_joint(Z)
+        if not isinstance(values, Tensor) or values.shape != Z.shape[:1]:
+            got = tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__
+            raise ValueError(f"log_joint must map points of shape {tuple(Z.shape)} to shape "
+                             f"({Z.shape[0]},), got output {got}")
+        (G,) = torch.autograd.grad(-values.sum(), Z, create_graph=True)
+    return Z, G
+
+
+def _hvp_of_graph(Z: Tensor, G: Tensor) -> HVP:
+    """``v ↦ mean_s ∇²f(z_s) v`` by one backward pass through the graph of ``G``."""
+
+    def hvp(v: Tensor) -> Tensor:
+        if not G.requires_grad:  # log_joint is affine in z: zero Hessian
+            return torch.zeros_like(v)
+        with torch.enable_grad():
+            (HV,) = torch.autograd.grad(G, Z, grad_outputs=v.to(G.dtype).expand_as(G),
+                                        retain_graph=True, allow_unused=True)
+        return torch.zeros_like(v) if HV is None else HV.detach().mean(0).to(v.dtype)
+
+    return hvp
 
 
 def target_hvp(log_joint: Callable[[Tensor], Tensor], points: Tensor) -> HVP:
@@ -68,24 +96,46 @@ def target_hvp(log_joint: Callable[[Tensor], Tensor], points: Tensor) -> HVP:
     Raises:
         ValueError: ``log_joint`` does not return shape ``(n,)``.
     """
-    with torch.enable_grad():
-        Z = points.detach().requires_grad_(True)
-        values = log_joint(Z)
-        if not isinstance(values, Tensor) or values.shape != Z.shape[:1]:
-            got = tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__
-            raise ValueError(f"log_joint must map points of shape {tuple(Z.shape)} to shape "
-                             f"({Z.shape[0]},), got output {got}")
-        (G,) = torch.autograd.grad(-values.sum(), Z, create_graph=True)
+    return _hvp_of_graph(*_gradient_graph(log_joint, points))
 
-    def hvp(v: Tensor) -> Tensor:
-        if not G.requires_grad:  # log_joint is affine in z: zero Hessian
-            return torch.zeros_like(v)
+
+def target_hessian(log_joint: Callable[[Tensor], Tensor], points: Tensor) -> tuple[Tensor | None, HVP]:
+    """The matrix ``Ē = mean_s ∇²f(z_s)`` by one *batched* backward pass, and the matrix-free
+    products of the same graph.
+
+    The ``d`` products ``Ē e_k`` are taken together (``torch.autograd.grad(...,
+    is_grads_batched=True)``, a ``vmap`` over the double-backward graph): for a small model whose
+    cost is per operation rather than per number (a sequential time loop) that costs about one
+    Hessian-vector product instead of ``d``. Where the graph cannot be batched (an operation
+    without a batching rule that raises) the matrix is ``None`` and the returned products are
+    those of :func:`target_hvp`, from the same forward pass.
+
+    Args:
+        log_joint: the target's log density, ``(n, d) → (n,)``, twice differentiable.
+        points: ``(n, d)``; the Hessian is averaged over the rows.
+
+    Returns:
+        ``(H, hvp)``: ``H`` of shape ``(d, d)`` (dtype of ``points``; ``H[k] = Ē e_k``) or
+        ``None``, and ``v ↦ Ē v`` by one backward pass per call.
+
+    Raises:
+        ValueError: ``log_joint`` does not return shape ``(n,)``.
+    """
+    Z, G = _gradient_graph(log_joint, points)
+    hvp = _hvp_of_graph(Z, G)
+    d = Z.shape[1]
+    if not G.requires_grad:
+        return torch.zeros(d, d, dtype=Z.dtype, device=Z.device), hvp
+    eye = torch.eye(d, dtype=G.dtype, device=G.device)[:, None, :].expand(d, *G.shape)
+    try:
         with torch.enable_grad():
-            (HV,) = torch.autograd.grad(G, Z, grad_outputs=v.to(G.dtype).expand_as(G),
-                                        retain_graph=True, allow_unused=True)
-        return torch.zeros_like(v) if HV is None else HV.detach().mean(0).to(v.dtype)
-
-    return hvp
+            (H,) = torch.autograd.grad(G, Z, grad_outputs=eye, retain_graph=True,
+                                       allow_unused=True, is_grads_batched=True)
+    except RuntimeError:  # no batching rule for an operation of log_joint: matrix-free only
+        return None, hvp
+    if H is None:
+        return torch.zeros(d, d, dtype=Z.dtype, device=Z.device), hvp
+    return H.detach().mean(1), hvp
 
 
 def plain_direction(rhs: Tensor, factor: Structure, radius: float | None = None) -> Tensor:
