@@ -21,7 +21,8 @@ md,png}`` (``--quick``: three models, 300/1000 steps, one learning rate, to
 ``benchmarks/results/quick/``; ``--models``, ``--ours-steps``, ``--their-steps`` and ``--lrs``
 override the configuration, and the results are rewritten after every model;
 ``--export-only [--models ...]`` refits only the dense guides and rewrites the export-time table,
-:mod:`benchmarks._export_times`). One intra-op thread.
+:mod:`benchmarks._export_times`; ``--only-ours STRUCTURE ... [--models ...]`` refits only those
+structvi rows and splices them into the saved results). One intra-op thread.
 """
 
 from __future__ import annotations
@@ -236,6 +237,33 @@ def run_model(name: str, ours_steps: int, their_steps: int, lrs: list[float], lo
     return rows
 
 
+def splice_ours(out: Path, names: list[str], structures: list[str], steps: int) -> None:
+    """Refit the structvi ``structures`` rows of ``names`` and replace them in ``out``'s saved
+    results (every other row, and the meta, kept; ``meta["spliced"]`` records what was rerun)."""
+    saved = json.loads((out / "real_models.json").read_text())
+    rows = saved["rows"]
+    for name in names:
+        scorer = Scorer(name)
+        for structure in structures:
+            label = f"structvi {structure}"
+            at = next((i for i, r in enumerate(rows) if r["model"] == name and r["method"] == label),
+                      None)
+            if at is None:
+                raise ValueError(f"no saved row {label!r} of model {name!r} in {out}")
+            row, guide = run_row(name, label, ours(name, structure), steps, steps // 20, scorer)
+            row.update(family=FAMILY[structure], vectorization=scorer.mode)
+            if "export_seconds" in rows[at]:
+                row["export_seconds"] = rows[at]["export_seconds"]
+            rows[at] = row
+            print(f"{name:>18} {label:<30} ELBO {row['elbo']:10.3f}  {row['seconds']:.1f}s",
+                  flush=True)
+    saved["meta"].setdefault("spliced", []).append(
+        {"models": names, "structures": structures, "steps": steps})
+    (out / "real_models.json").write_text(json.dumps(saved, indent=1))
+    (out / "real_models.md").write_text(markdown(rows, saved["meta"]))
+    plot(rows, out / "real_models.png")
+
+
 def _key(row: dict) -> float:
     return row["elbo"] if math.isfinite(row["elbo"]) else -math.inf
 
@@ -277,6 +305,12 @@ def markdown(rows: list[dict], meta: dict) -> str:
               "best ELBO over the learning rates " + str(meta["lrs"]) + ". Errors over all "
               "constrained coordinates against NUTS; PSIS: Pareto-smoothed importance weights of "
               "2000 draws of q; k̂ < 0.7 reads reliable."]
+    for sp in meta.get("spliced", []):
+        lines += ["", f"Rows `structvi {'`/`'.join(sp['structures'])}` of "
+                  f"{', '.join(sp['models'])} re-run alone after a change of their defaults "
+                  f"(`--only-ours`, {sp['steps']} steps); every other row is from the full run."]
+    if "note_garch" in meta:
+        lines += ["", meta["note_garch"] + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -330,6 +364,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--export-only", action="store_true",
                         help="refit only the dense guides, re-time their ArviZ export and "
                              "rewrite that table in the saved results")
+    parser.add_argument("--only-ours", nargs="+", default=None, choices=list(OURS),
+                        help="refit only these structvi rows of --models (default all) and "
+                             "replace them in the saved results, keeping every other row")
     a = parser.parse_args(argv)
     torch.set_num_threads(1)
     if a.make_reference:
@@ -350,6 +387,9 @@ def main(argv: list[str] | None = None) -> None:
     if a.export_only:
         _export.rerun_exports(out, names, lambda n: ours(n, "dense"), ours_steps, MODELS,
                               markdown)
+        return
+    if a.only_ours:
+        splice_ours(out, names, a.only_ours, ours_steps)
         return
     out.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -16,6 +16,7 @@ from torch import nn
 
 from structvi.pyro import AutoStructuredNormal, NaturalGradientSVI, latent_log_joint
 from structvi.pyro.log_joint import choose_vectorization
+from structvi.pyro._specs import default_rank
 from structvi.testing import assert_close
 
 F64 = torch.float64
@@ -160,7 +161,21 @@ def test_too_large_options_are_clamped_with_a_warning():
         AutoStructuredNormal(two_site_model, structure="low_rank_diagonal", rank=5).setup(X, Y_REG)
     guide = AutoStructuredNormal(two_site_model, structure="low_rank_diagonal")
     guide.setup(X, Y_REG)
-    assert guide.factor_spec()["options"]["rank"] == 2  # round(sqrt(4)), like Pyro's default
+    assert guide.factor_spec()["options"]["rank"] == 3  # d = 4: at least min(3, d - 1)
+
+
+@pytest.mark.parametrize("dim, rank", [(2, 1), (3, 2), (4, 3), (5, 3), (6, 3), (12, 3), (13, 4),
+                                       (26, 5), (100, 10)])
+def test_default_low_rank_is_pyros_but_at_least_three(dim, rank):
+    # Regression (GARCH(1,1), d = 4): Pyro's round(sqrt(d)) = 2 gave a precision family whose
+    # optimum lies below Pyro's rank-2 covariance family; rank d - 1 is the dense family.
+    assert default_rank(dim) == rank
+
+
+@pytest.mark.parametrize("dim", [1, 0, 2.0, True])
+def test_default_rank_rejects_bad_sizes(dim):
+    with pytest.raises(ValueError, match=rf"dim must be an integer >= 2, got dim={dim!r}"):
+        default_rank(dim)
 
 
 # ---------------------------------------------------------------------- before set-up
