@@ -243,6 +243,7 @@ def splice_ours(out: Path, names: list[str], structures: list[str], steps: int) 
     saved = json.loads((out / "real_models.json").read_text())
     rows = saved["rows"]
     for name in names:
+        pyro.clear_param_store()  # a guide named like the scorer's packer would share its params
         scorer = Scorer(name)
         for structure in structures:
             label = f"structvi {structure}"
