@@ -125,6 +125,7 @@ class AutoStructuredNormal(AutoContinuous):
         loc = self._init_loc()
         factor = self._make_factor(loc.dtype, loc.device).scale(self._init_scale)
         self.loc = nn.Parameter(loc)
+        _check_stored_shape(self, "loc", loc.shape)
         self._factor_spec = factor.spec()
         self._factor_attrs = {}
         for key, tensor in factor.tensors().items():
@@ -134,6 +135,7 @@ class AutoStructuredNormal(AutoContinuous):
                     f"factor tensor keys collide after sanitizing: {key!r} -> {attr!r}")
             self._factor_attrs[key] = attr
             setattr(self, attr, nn.Parameter(tensor.detach().clone()))
+            _check_stored_shape(self, attr, tensor.shape)
 
     def site_sizes(self) -> dict[str, int]:
         """Number of unconstrained coordinates of each latent site, in packing order."""
@@ -311,6 +313,23 @@ def _is_identity(transform: Transform) -> bool:
     while isinstance(transform, IndependentTransform):
         transform = transform.base_transform
     return transform == identity_transform
+
+
+def _check_stored_shape(guide: AutoStructuredNormal, attr: str, shape: torch.Size) -> None:
+    """Raise if Pyro's param store gave ``attr`` a value of another shape.
+
+    Guides of one name share the param store (as Pyro's autoguides do), so a guide set up for a
+    model while the store holds a same-named guide of another model would silently start from
+    (and fail on) the other model's values.
+    """
+    got = getattr(guide, attr).shape
+    if got != shape:
+        raise ValueError(
+            f"Pyro's param store holds '{guide._pyro_name}.{attr}' of shape {tuple(got)} (from "
+            f"another guide named {guide._pyro_name!r}), but this model needs shape "
+            f"{tuple(shape)}; call pyro.clear_param_store() before setting up a guide for "
+            f"another model"
+        )
 
 
 def _refuse_local_latents(trace: Any) -> None:

@@ -178,6 +178,20 @@ def test_default_rank_rejects_bad_sizes(dim):
         default_rank(dim)
 
 
+def test_stale_param_store_of_another_model_is_refused_clearly():
+    # Regression: a guide set up while the store held a same-named guide of a 4-dimensional
+    # model kept that loc of shape (4,) and failed later with "expected an unconstrained latent
+    # of shape batch + (1,), got (4,)".
+    pyro.clear_param_store()
+    AutoStructuredNormal(two_site_model).setup(X, Y_REG)
+    with pytest.raises(ValueError, match=r"param store holds 'AutoStructuredNormal.loc' of "
+                                         r"shape \(4,\).* needs shape \(1,\); call "
+                                         r"pyro.clear_param_store\(\)"):
+        AutoStructuredNormal(normal_model).setup(Y)
+    pyro.clear_param_store()
+    AutoStructuredNormal(normal_model).setup(Y)  # after clearing: fine
+
+
 # ---------------------------------------------------------------------- before set-up
 @pytest.mark.parametrize("method", ["get_posterior", "median", "sample_latent"])
 def test_methods_before_setup_set_up_or_explain(method):
