@@ -141,7 +141,7 @@ def _log_series(retraction: str, terms: int) -> tuple[float, ...]:
     return tuple(bj / (j + 1) for j, bj in enumerate(b))
 
 
-_LOGDET_TOL = 1e-9  # nats: the bound on the truncation error of one log|det h(M)|
+_LOGDET_TOL = 1e-11  # nats: the bound on the truncation error of one log|det h(M)|
 
 
 def _coefficient_bound(retraction: str) -> tuple[float, float]:
@@ -293,6 +293,11 @@ def propose(
 
 
 def _is_finite_state(state: NGDState) -> bool:
-    tensors = [state.loc, state.loc_momentum, *state.factor.tensors().values(),
-               *state.factor_momentum.tensors().values()]
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
+    """Every entry of the mean, the factor and both momenta is finite (one check, one sync)."""
+    tensors = [state.loc, state.loc_momentum, *state.factor._t.values(),
+               *state.factor_momentum._t.values()]
+    dt = tensors[0].dtype
+    for t in tensors[1:]:
+        dt = t.dtype if t.dtype == dt else torch.promote_types(dt, t.dtype)
+    flat = torch.cat([t.reshape(-1).to(dt) for t in tensors])
+    return bool(torch.isfinite(flat).all())

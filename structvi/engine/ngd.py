@@ -245,7 +245,8 @@ def step(state: NGDState, stats: NGDStats, config: NGDConfig) -> NGDState:
         raise ValueError(f"stats.grad must have shape {tuple(state.loc.shape)}, "
                          f"got {tuple(stats.grad.shape)}")
     eye = K.coord_identity()
-    if not isinstance(stats.curvature, Structure) or stats.curvature.spec() != eye.spec():
+    if not eye.same_spec(stats.curvature) and (
+            not isinstance(stats.curvature, Structure) or stats.curvature.spec() != eye.spec()):
         raise ValueError(f"stats.curvature must be a coordinate element with spec {eye.spec()}")
     nu = stats.curvature.to(K.dtype).add(eye, alpha=-config.temperature).scale(0.5)
     K_new, m_K = factor_step(
