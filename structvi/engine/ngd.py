@@ -206,7 +206,8 @@ def factor_step(
     ``nu`` is the natural gradient in local coordinates (minimization sign). Returns the new
     factor (factor dtype) and momentum (momentum dtype).
     """
-    m = momentum.scale(alpha).add(nu.to(momentum.dtype))
+    nu = nu.to(momentum.dtype)
+    m = nu if alpha == 0 else momentum.scale(alpha).add(nu)  # 0·m + ν = ν (m is finite)
     beta: float | Tensor = lr
     if trust_region is not None:
         dt = torch.promote_types(m.dtype, torch.float32)  # float64 stays float64, bf16 → float32
@@ -228,7 +229,8 @@ def mean_step(
     steps of CG on ``Ē v = m_μ`` preconditioned by ``K Kᵀ`` (relative tolerance ``cg_tol``);
     ``‖K⁻¹ v‖ ≤ trust_region`` either way. The direction is computed in float32 or wider and rounded once into ``loc``'s dtype.
     """
-    m_mu = alpha * loc_momentum + grad.to(loc_momentum.dtype)
+    g = grad.to(loc_momentum.dtype)
+    m_mu = g if alpha == 0 else alpha * loc_momentum + g
     if hvp is not None and cg_iters > 0:
         direction = trust_region_cg(hvp, m_mu, factor, iters=cg_iters, radius=trust_region,
                                     rtol=cg_tol)

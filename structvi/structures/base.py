@@ -226,6 +226,10 @@ class Structure:
 
     # ------------------------------------------------------------------ linear-space ops
     def _check_same(self, other: Structure, arg: str = "other") -> None:
+        if type(other) is type(self) and other.options is self.options and other.dim == self.dim:
+            a, b = next(iter(self._t.values())), next(iter(other._t.values()))
+            if a.dtype == b.dtype and a.device == b.device:
+                return
         if not self.same_spec(other):
             got = other.spec() if isinstance(other, Structure) else type(other).__name__
             raise ValueError(f"{arg} must be a structure with spec {self.spec()}, got {got}")
@@ -287,6 +291,10 @@ class Structure:
         )
 
     def _check_vec(self, x: Tensor, arg: str = "x") -> None:
+        t = next(iter(self._t.values()))
+        if isinstance(x, Tensor) and x.dim() in (1, 2) and x.shape[0] == self.dim and (
+                x.dtype == t.dtype and x.device == t.device):
+            return
         if not isinstance(x, Tensor) or x.dim() not in (1, 2) or x.shape[0] != self.dim:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"{arg} must have shape ({self.dim},) or ({self.dim}, n), got {shape}")

@@ -82,6 +82,18 @@ class Dense(Structure):
     def diagonal(self) -> Tensor:
         return self.matrix.diagonal()
 
+    def retract(self, M: Structure, retraction: str = "quadratic") -> Dense:
+        """``K h(M)``: ``K + KM + ½(KM)M`` (quadratic) or ``K + KM`` (first order) by two / one
+        products, without forming ``h(M)``; ``"expm"`` as the base class."""
+        if retraction not in ("quadratic", "first_order") or type(M) is not Dense:
+            return super().retract(M, retraction)
+        self._check_same(M, "M")
+        K, A = self.matrix, M.matrix
+        KM = K @ A
+        out = K + KM
+        return self._new({"matrix": torch.addmm(out, KM, A, alpha=0.5)
+                          if retraction == "quadratic" else out})
+
     def power_traces(self, terms: int) -> list[float]:
         A, out, P = self.matrix, [], self.matrix
         for k in range(terms):

@@ -81,6 +81,15 @@ class Diagonal(Structure):
     def diagonal(self) -> Tensor:
         return self.diag
 
+    def retract(self, M: Structure, retraction: str = "quadratic") -> Diagonal:
+        """``k·h(m)`` entrywise: ``k(1 + m + ½m²)`` (quadratic) or ``k(1 + m)``."""
+        if retraction not in ("quadratic", "first_order") or type(M) is not Diagonal:
+            return super().retract(M, retraction)
+        self._check_same(M, "M")
+        m = M.diag
+        h = 1 + m + 0.5 * m * m if retraction == "quadratic" else 1 + m
+        return self._new({"diag": self.diag * h})
+
     def power_traces(self, terms: int) -> list[float]:
         a, out, P = self.diag, [], self.diag
         for k in range(terms):

@@ -110,6 +110,10 @@ def _unfold(U: Tensor, dims: tuple[int, int], axis: int) -> Tensor:
 def _abs_row_sums(f: Structure) -> Tensor:
     """Row sums of ``|F|``: every structure stores the entries of its matrix on disjoint
     positions, so ``|F|`` is the same structure with ``|tensors|``."""
+    if f.name == "dense":
+        return f._t["matrix"].abs().sum(-1)
+    if f.name == "diagonal":
+        return f._t["diag"].abs()
     absf = f._new({k: t.abs() for k, t in f._t.items()})
     return absf.matmul(torch.ones(f.dim, dtype=f.dtype, device=f.device))
 
@@ -444,6 +448,18 @@ class Kronecker(Structure):
         if V is not None:
             self._check_vec(V, "V")
         d1, d2 = self.dims
+        f1, f2 = self.factors
+        if f1.name == "dense" and f2.name == "dense" and U.dim() == 2:  # the same, batched
+            n = U.shape[1]
+            Ut = U.T.reshape(n, d1, d2)
+            Vt = Ut if V is None else V.T.reshape(n, d1, d2)
+            A1 = torch.tensordot(Ut, Vt, dims=([0, 2], [0, 2]))  # tr₂(U Vᵀ)
+            A2 = Ut.reshape(n * d1, d2).T @ Vt.reshape(n * d1, d2)  # tr₁(U Vᵀ)
+            P1 = (0.5 / d2) * (A1 + A1.T)
+            P2 = (0.5 / d1) * (A2 + A2.T)
+            P2.diagonal().sub_(P2.diagonal().sum() / d2)  # the gauge: tr M₂ = 0
+            return self._pair(f1._new({"matrix": P1.to(f1.dtype)}),
+                              f2._new({"matrix": P2.to(f2.dtype)}), "sum")
         parts = []
         for axis, (f, rest) in enumerate(zip(self.factors, (d2, d1))):
             Ua = _unfold(U, self.dims, axis)
