@@ -259,15 +259,20 @@ class Structure:
         return self.diagonal().sum()
 
     def power_traces(self, terms: int) -> list[float]:
-        """``[tr(M), tr(M²), …, tr(M^terms)]`` with ``M^(k+1) = M^k.compose(M)`` (the series of
-        ``log|det h(M)|``); one host transfer. Structures override it without the per-power
-        structure objects, with the same products in the same order."""
+        """``[tr(M), tr(M²), …, tr(M^terms)]`` (the series of ``log|det h(M)|``); one host
+        transfer of :meth:`power_trace_tensor`."""
+        return self.power_trace_tensor(terms).tolist()
+
+    def power_trace_tensor(self, terms: int) -> Tensor:
+        """``tr(M^k)`` for ``k = 1..terms`` as a tensor of shape ``(terms,)``, with
+        ``M^(k+1) = M^k.compose(M)``. Structures override it without the per-power structure
+        objects (dense: half the products, ``tr(M^(h+j)) = Σ (M^h)ᵀ ∘ M^j``)."""
         out, P = [], self
         for k in range(terms):
             out.append(P.trace())
             if k + 1 < terms:
                 P = P.compose(self)
-        return torch.stack(out).tolist() if out else []
+        return torch.stack(out) if out else torch.zeros(0, dtype=self.dtype, device=self.device)
 
     # ------------------------------------------------------------------ dense forms
     def to_dense(self) -> Tensor:

@@ -94,13 +94,23 @@ class Dense(Structure):
         return self._new({"matrix": torch.addmm(out, KM, A, alpha=0.5)
                           if retraction == "quadratic" else out})
 
-    def power_traces(self, terms: int) -> list[float]:
-        A, out, P = self.matrix, [], self.matrix
-        for k in range(terms):
-            out.append(P.diagonal().sum())
-            if k + 1 < terms:
-                P = P @ A
-        return torch.stack(out).tolist() if out else []
+    def power_trace_tensor(self, terms: int) -> Tensor:
+        """``tr(M^k)``, ``k ≤ terms``, from the powers ``M..M^h``, ``h = ⌈terms/2⌉`` (``h − 1``
+        products): ``tr(M^k)`` for ``k ≤ h`` from their diagonals and
+        ``tr(M^(h+j)) = Σ_il (M^h)ᵀ_il (M^j)_il`` for the rest."""
+        A = self.matrix
+        if terms <= 0:
+            return A.new_zeros(0)
+        h = (terms + 1) // 2
+        powers = [A]
+        for _ in range(h - 1):
+            powers.append(powers[-1] @ A)
+        S = torch.stack(powers)
+        low = S.diagonal(dim1=-2, dim2=-1).sum(-1)
+        if terms == h:
+            return low
+        high = (S[: terms - h] * powers[-1].T).sum((-2, -1))
+        return torch.cat([low, high])
 
     def gram_diagonal(self) -> Tensor:
         return self.matrix.square().sum(-1)

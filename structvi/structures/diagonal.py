@@ -90,13 +90,11 @@ class Diagonal(Structure):
         h = 1 + m + 0.5 * m * m if retraction == "quadratic" else 1 + m
         return self._new({"diag": self.diag * h})
 
-    def power_traces(self, terms: int) -> list[float]:
-        a, out, P = self.diag, [], self.diag
-        for k in range(terms):
-            out.append(P.sum())
-            if k + 1 < terms:
-                P = P * a
-        return torch.stack(out).tolist() if out else []
+    def power_trace_tensor(self, terms: int) -> Tensor:
+        """``Σ_i m_i^k`` for ``k = 1..terms`` (running products, as the compose loop)."""
+        if terms <= 0:
+            return self.diag.new_zeros(0)
+        return self.diag.expand(terms, self.dim).cumprod(0).sum(-1)
 
     def gram_diagonal(self) -> Tensor:
         return self.diag.square()
