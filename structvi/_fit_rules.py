@@ -78,8 +78,24 @@ class StepRule:
         n = diffs.shape[0]
         se = float(diffs.std() / math.sqrt(n)) if n > 1 else math.inf
         spread = float(values.std()) if values.shape[0] > 1 else 0.0
+        return self._allowance(se, spread)
+
+    def _allowance(self, se: float, spread: float) -> float:
         se = se if math.isfinite(se) else math.inf
         return self.tolerance + min(2.0 * se, 10.0 * self.tolerance + spread)
+
+    def gain_and_allowance(self, diffs: Tensor, values: Tensor) -> tuple[float, float]:
+        """``(mean(diffs), allowance)``, ``mean = −inf`` when a difference is not finite; one
+        host transfer (the same numbers as :meth:`allowance`)."""
+        n, m = diffs.shape[0], values.shape[0]
+        one = diffs.new_ones(())
+        stats = torch.stack([diffs.mean(), torch.isfinite(diffs).all().to(diffs.dtype),
+                             diffs.std() / math.sqrt(n) if n > 1 else one,
+                             values.std() if m > 1 else one]).tolist()
+        mean, finite, se, spread = stats
+        if not finite:
+            return -math.inf, math.nan
+        return mean, self._allowance(se if n > 1 else math.inf, spread if m > 1 else 0.0)
 
 
 class Proposal(NamedTuple):
@@ -288,10 +304,9 @@ def propose(
         if not rule.accept:
             return Proposal(new, logdet, math.nan, s, k + 1, True)
         Z = new.loc + new.factor.matmul(eps.T.to(new.factor.dtype)).T.to(new.loc.dtype)
-        diffs = evaluate(Z) - values
-        gain = float(diffs.mean()) + temperature * logdet if bool(torch.isfinite(diffs).all()) \
-            else -math.inf
-        accepted = math.isfinite(gain) and gain >= -rule.allowance(diffs, values)
+        mean, allowance = rule.gain_and_allowance(evaluate(Z) - values, values)
+        gain = mean + temperature * logdet if math.isfinite(mean) else -math.inf
+        accepted = math.isfinite(gain) and gain >= -allowance
         last = Proposal(new, logdet, gain, s, k + 1, accepted)
         if accepted:
             return last

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pyro
+import pyro.distributions as pyro_dist
 import pyro.poutine as poutine
 import torch
 from pyro.distributions.util import scale_and_mask
@@ -76,13 +77,40 @@ def _per_particle(lp: Tensor | float, n: int, dim: int) -> Tensor:
     return lp.reshape(lp.shape[0], -1).sum(1).expand(n)
 
 
+def _unvalidated_log_prob(site: dict[str, Any]) -> Tensor:
+    """``site["fn"].log_prob(value)`` with the distribution's own argument validation off for
+    the call (distributions built while validation was on, e.g. a ``PyroSample`` prior made at
+    module construction, keep ``_validate_args=True`` whatever Pyro's switch says later)."""
+    chain, d = [], site["fn"]
+    while d is not None and len(chain) < 8:
+        if d.__dict__.get("_validate_args"):
+            chain.append(d)
+        d = d.__dict__.get("base_dist")
+    for d in chain:
+        d._validate_args = False
+    try:
+        return site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+    finally:
+        for d in chain:
+            d._validate_args = True
+
+
 def _trace_log_joint(trace, ladj, n: int | None, dim: int | None) -> Tensor:
-    """``Σ_sites log p`` (scaled, masked) plus the scaled log-Jacobians, per particle."""
+    """``Σ_sites log p`` (scaled, masked) plus the scaled log-Jacobians, per particle.
+
+    With Pyro's validation switched off (``NaturalGradientSVI.step`` does, after validating at
+    set-up: an overflowing sample is a skipped step, not a constraint error) the sites'
+    ``log_prob`` skip their argument checks too, also for distributions built while it was on.
+    """
+    quiet = not pyro_dist.is_validation_enabled()
     terms = []
     for site in trace.nodes.values():
         if site["type"] != "sample" or site_is_subsample(site):
             continue
-        lp = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+        if quiet:
+            lp = _unvalidated_log_prob(site)
+        else:
+            lp = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
         lp = scale_and_mask(lp, site["scale"], site["mask"])
         terms.append(torch.as_tensor(lp).sum() if n is None else _per_particle(lp, n, dim))
     for name, value in ladj.items():

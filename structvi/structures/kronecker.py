@@ -362,7 +362,7 @@ class Kronecker(Structure):
     def _apply(self, x: Tensor, transpose: bool) -> Tensor:
         self._check_vec(x)
         f1, f2 = self.factors
-        if f1.name == "dense" and f2.name == "dense" and x.dim() == 2:
+        if f1.name == "dense" and f2.name == "dense":
             return self._apply_dense(x, f1._t["matrix"], f2._t["matrix"], transpose)
         X = x.reshape(*self.dims, -1)
         if self.kind == "product":  # K₁ X K₂ᵀ
@@ -372,17 +372,18 @@ class Kronecker(Structure):
         return out.reshape(x.shape)
 
     def _apply_dense(self, x: Tensor, A1: Tensor, A2: Tensor, transpose: bool) -> Tensor:
-        """Two dense factors, ``x`` of shape ``(d, n)``: the ``n`` columns as a batch of
-        ``d₁×d₂`` matrices, ``K₁ X K₂ᵀ`` (product) or ``M₁ X + X M₂ᵀ`` (sum) by two batched
-        products (a transposed ``x``, as ``εᵀ``, is read without a copy)."""
-        n = x.shape[1]
-        Xt = x.T.reshape(n, *self.dims)
+        """Two dense factors, ``x`` of shape ``(d,)`` or ``(d, n)``: the ``n`` columns as a
+        batch of ``d₁×d₂`` matrices, ``K₁ X K₂ᵀ`` (product) or ``M₁ X + X M₂ᵀ`` (sum) by two
+        (batched) products (a transposed ``x``, as ``εᵀ``, is read without a copy)."""
+        vector = x.dim() == 1
+        n = 1 if vector else x.shape[1]
+        Xt = x.reshape(*self.dims) if vector else x.T.reshape(n, *self.dims)
         if transpose:  # Kᵀ: K₁ᵀ X K₂, M₁ᵀ X + X M₂
             A1 = A1.T
         else:
             A2 = A2.T
         out = A1 @ Xt @ A2 if self.kind == "product" else A1 @ Xt + Xt @ A2
-        return out.reshape(n, self.dim).T
+        return out.reshape(-1) if vector else out.reshape(n, self.dim).T
 
     def matmul(self, x: Tensor) -> Tensor:
         return self._apply(x, transpose=False)
