@@ -16,9 +16,10 @@ Part 2 — the digits BNN of ``examples/pyro_bnn.py`` (Kronecker NGD vs AutoNorm
 test accuracy, NLL, ECE, full-data ELBO, wall-clock and CPU seconds (after an untimed warm-up
 of both, so one-time imports count for neither).
 
-Run: ``python -m benchmarks.pyro_path [--quick]``; writes ``benchmarks/results/pyro_path.json``
-and ``pyro_path.md`` (``--quick``: under ``benchmarks/results/quick/``; the markdown tables are
-also printed). One intra-op thread.
+Run: ``python -m benchmarks.pyro_path [--quick] [--only bnn]``; writes
+``benchmarks/results/pyro_path.json`` and ``pyro_path.md`` (``--quick``: under
+``benchmarks/results/quick/``; the markdown tables are also printed). ``--only bnn`` reruns part 2
+alone and keeps part 1 of the existing results file. One intra-op thread.
 """
 
 from __future__ import annotations
@@ -233,6 +234,9 @@ def markdown(logi: list[dict[str, Any]], net: dict[str, Any], meta: dict[str, An
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps, one Adam rate")
+    parser.add_argument("--only", choices=["bnn"], default=None,
+                        help="rerun only this part, keeping the other parts of the existing "
+                             "results file in --out")
     parser.add_argument("--out", default=None,
                         help="results folder (default benchmarks/results, with --quick "
                              "benchmarks/results/quick)")
@@ -243,13 +247,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     warnings.filterwarnings("ignore", category=FutureWarning)
     meta = {"quick": args.quick, "torch": torch.__version__, "pyro": pyro.__version__,
             "machine": platform.machine(), "python": platform.python_version()}
+    out = Path(args.out)
     t0 = time.perf_counter()
-    print("logistic regression", flush=True)
-    logi = logistic(args.quick, lambda s: print(s, flush=True))
+    if args.only == "bnn":
+        old = out / "pyro_path.json"
+        if not old.exists():
+            parser.error(f"--only bnn keeps part 1 of {old}, which does not exist; run the "
+                         f"whole benchmark first")
+        previous = json.loads(old.read_text())
+        if previous["meta"].get("quick") != args.quick:
+            kind = "quick" if previous["meta"].get("quick") else "full"
+            parser.error(f"--only bnn: {old} holds a {kind} run; rerun with the same --quick "
+                         f"setting")
+        logi = previous["logistic"]
+        meta = {**previous["meta"], **{k: meta[k] for k in ("torch", "pyro", "machine", "python")}}
+    else:
+        print("logistic regression", flush=True)
+        logi = logistic(args.quick, lambda s: print(s, flush=True))
     print("digits BNN", flush=True)
     net = bnn(args.quick)
-    meta["seconds"] = round(time.perf_counter() - t0, 1)
-    out = Path(args.out)
+    if args.only == "bnn":
+        meta["bnn_seconds"] = round(time.perf_counter() - t0, 1)
+    else:
+        meta["seconds"] = round(time.perf_counter() - t0, 1)
     out.mkdir(parents=True, exist_ok=True)
     payload = {"meta": meta, "logistic": logi, "bnn": net}
     (out / "pyro_path.json").write_text(json.dumps(payload, indent=1) + "\n")
