@@ -320,5 +320,5 @@ def _is_finite_state(state: NGDState) -> bool:
     dt = tensors[0].dtype
     for t in tensors[1:]:
         dt = t.dtype if t.dtype == dt else torch.promote_types(dt, t.dtype)
-    flat = torch.cat([t.reshape(-1).to(dt) for t in tensors])
+    flat = torch.cat([t.reshape(-1) if t.dtype == dt else t.reshape(-1).to(dt) for t in tensors])
     return bool(torch.isfinite(flat).all())

@@ -250,6 +250,19 @@ class Structure:
         """``c * self``."""
         return self._new({k: t * c for k, t in self._t.items()})
 
+    def _memo(self, key: str, compute) -> Any:
+        """``compute()``, kept on this (immutable) instance while its tensors are unmodified
+        (their version counters unchanged): e.g. the engine's and the step rule's ``‖m‖_∞`` of
+        the same momentum."""
+        versions = tuple(t._version for t in self._t.values())
+        memo = self.__dict__.setdefault("_memo_values", {})
+        hit = memo.get(key)
+        if hit is not None and hit[0] == versions:
+            return hit[1]
+        value = compute()
+        memo[key] = (versions, value)
+        return value
+
     def max_abs(self) -> Tensor:
         """Largest absolute stored entry (SINGD's ``normalize_lr_cov`` norm)."""
         return torch.stack([t.abs().max() for t in self._t.values() if t.numel()]).max()

@@ -230,7 +230,8 @@ class BlockSites(Structure):
         return torch.cat([b.gram_diagonal() for b in self.blocks])
 
     def inf_norm(self) -> Tensor:
-        return torch.stack([b.inf_norm() for b in self.blocks]).max()
+        return self._memo("inf_norm",
+                          lambda: torch.stack([b.inf_norm() for b in self.blocks]).max())
 
     def logabsdet(self) -> Tensor:
         return torch.stack([b.logabsdet() for b in self.blocks]).sum()

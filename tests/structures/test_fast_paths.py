@@ -145,3 +145,16 @@ def test_apply_along_equals_the_generic_unfolding(name, transpose, gen):
         want = torch.einsum("ab,bjs->ajs", A, X) if axis == 0 else torch.einsum(
             "ab,ibs->ias", A, X)
         assert_close(got, want, 1e-13, "apply_along vs dense")
+
+
+def test_inf_norm_is_kept_while_the_tensors_are_unmodified(gen):
+    """``BlockSites.inf_norm`` is computed once per instance (the engine and the step rule
+    both ask for ``‖m‖_∞``) and again after an in-place change of a tensor."""
+    M = _random(_sites(), gen).coord_identity().scale(0.5)
+    first = M.inf_norm()
+    assert M.inf_norm() is first
+    assert_close(first, M.to_dense().abs().sum(-1).max(), 1e-12, "‖M‖_∞")
+    with torch.no_grad():
+        next(iter(M.blocks[1]._t.values())).mul_(4.0)  # the diagonal block, in place
+    assert_close(M.inf_norm(), M.to_dense().abs().sum(-1).max(), 1e-12, "after a change")
+    assert float(M.inf_norm()) > float(first)
