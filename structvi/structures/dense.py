@@ -84,8 +84,10 @@ class Dense(Structure):
 
     def retract(self, M: Structure, retraction: str = "quadratic") -> Dense:
         """``K h(M)``: ``K + KM + ½(KM)M`` (quadratic) or ``K + KM`` (first order) by two / one
-        products, without forming ``h(M)``; ``"expm"`` as the base class."""
-        if retraction not in ("quadratic", "first_order") or type(M) is not Dense:
+        products, without forming ``h(M)`` (float32/float64); ``"expm"`` and half precisions
+        (where the rounding of ``h(M)`` first is the tested behaviour) as the base class."""
+        if retraction not in ("quadratic", "first_order") or type(M) is not Dense or \
+                self.matrix.dtype not in (torch.float32, torch.float64):
             return super().retract(M, retraction)
         self._check_same(M, "M")
         K, A = self.matrix, M.matrix

@@ -83,7 +83,8 @@ class Diagonal(Structure):
 
     def retract(self, M: Structure, retraction: str = "quadratic") -> Diagonal:
         """``k·h(m)`` entrywise: ``k(1 + m + ½m²)`` (quadratic) or ``k(1 + m)``."""
-        if retraction not in ("quadratic", "first_order") or type(M) is not Diagonal:
+        if retraction not in ("quadratic", "first_order") or type(M) is not Diagonal or \
+                self.diag.dtype not in (torch.float32, torch.float64):
             return super().retract(M, retraction)
         self._check_same(M, "M")
         m = M.diag
