@@ -298,16 +298,16 @@ class NaturalGradientSVI:
         """
         fitter = self._ensure_setup(args, kwargs)
         guide = self._q_guide
-        factor = guide.factor
-        if self._synced is None or not _same_params(self._synced, guide.loc, factor):
-            factor = factor._new({k: t.detach().clone() for k, t in factor._t.items()})
-            fitter.state = fitter.state._replace(loc=guide.loc.detach().clone(), factor=factor)
+        loc, params = guide.loc, guide.factor  # the guide's parameter tensors
+        if self._synced is None or not _same_params(self._synced, loc, params):
+            factor = params._new({k: t.detach().clone() for k, t in params._t.items()})
+            fitter.state = fitter.state._replace(loc=loc.detach().clone(), factor=factor)
         log_joint = self._log_joint(args, kwargs)
         fitter.log_joint = log_joint
         with pyro.validation_enabled(False):  # an overflowing sample is a skipped step,
             record = fitter.step()             # not a constraint error (set-up validated)
         guide.set_state(fitter.state.loc, fitter.state.factor)
-        self._synced = _param_versions(fitter.state, guide.loc, guide.factor)
+        self._synced = _param_versions(fitter.state, loc, params)  # set_state copies in place
         if (self._params or self._parts) and self.optim is not None:
             self._step_params(args, kwargs, log_joint.subsample())
         return -record.elbo
