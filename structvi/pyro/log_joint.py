@@ -126,7 +126,19 @@ def _hoistable(site: dict[str, Any]) -> bool:
     scale = site["scale"]
     if isinstance(scale, Tensor) and (scale.dim() or _is_wrapped(scale)):
         return False
-    return not _holds_wrapped(site["fn"])
+    if _ROW_FREE.get(id(fn)) is fn:  # the same prior object as before (a PyroSample's)
+        return True
+    if _holds_wrapped(fn):
+        return False
+    if len(_ROW_FREE) > 256:
+        _ROW_FREE.clear()
+    _ROW_FREE[id(fn)] = fn
+    return True
+
+
+# distributions found free of vmap-ed tensors, by id (kept alive here, so ids stay theirs):
+# a fixed prior is scanned once, not at every evaluation
+_ROW_FREE: dict[int, Any] = {}
 
 
 def _trace_log_joint(trace, ladj, n: int | None, dim: int | None,
