@@ -160,12 +160,6 @@ def _log_series(retraction: str, terms: int) -> tuple[float, ...]:
 _LOGDET_TOL = 1e-11  # nats: the bound on the truncation error of one log|det h(M)|
 
 
-@lru_cache(maxsize=8)
-def _log_coefficients(retraction: str, device: torch.device) -> Tensor:
-    """:func:`_log_series` as a float64 tensor on ``device``."""
-    return torch.tensor(_log_series(retraction, _MAX_TERMS), dtype=torch.float64, device=device)
-
-
 def _coefficient_bound(retraction: str) -> tuple[float, float]:
     """``(a, R)`` with ``|c_k| ≤ (a/k)·R^{−k}`` for the Taylor coefficients of ``log h``.
 
@@ -248,9 +242,9 @@ def logdet_retraction(M: Structure, retraction: str = "quadratic",
         return sum(w * t for (_, w), t in zip(leaves, traces))
     norms = torch.stack([x for m, _ in leaves
                          for x in (m.inf_norm(), m.gram_diagonal().sum())]).tolist()
-    parts = []
+    traces, weights = [], []
     leaf_tol = tol / len(leaves)
-    coeffs = _log_coefficients(retraction, leaves[0][0].device)
+    coeffs = _log_series(retraction, _MAX_TERMS)
     for i, (m, w) in enumerate(leaves):
         inf, fro2 = norms[2 * i], norms[2 * i + 1]
         if fro2 == 0.0:
@@ -258,8 +252,12 @@ def logdet_retraction(M: Structure, retraction: str = "quadratic",
         terms = series_terms(min(inf, math.sqrt(fro2)), fro2, retraction, leaf_tol / w)
         if terms is None:
             return None
-        parts.append(w * (coeffs[:terms] @ m.power_trace_tensor(terms).to(torch.float64)))
-    return float(torch.stack(parts).sum()) if parts else 0.0
+        traces.append(m.power_trace_tensor(terms))
+        weights.extend(w * c for c in coeffs[:terms])
+    if not traces:
+        return 0.0
+    t = torch.cat([x.to(traces[0].dtype) for x in traces]).to(torch.float64)
+    return float(t @ torch.tensor(weights, dtype=torch.float64, device=t.device))
 
 
 def propose(

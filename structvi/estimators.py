@@ -239,7 +239,7 @@ def _gradient_estimator(
     U = (K.rmatmul(G.T) - control * eps.T) / n  # (d, n): (Kᵀ∇f(z_s) − c ε_s) / n
     curvature = K.project_outer(U, eps.T)
     if control:
-        curvature = curvature.add(curvature.coord_identity(), alpha=control)
+        curvature = curvature.add_identity(control)
 
     def quad_form(u: Tensor) -> Tensor:
         u = u.to(dt)

@@ -240,17 +240,31 @@ def mean_step(
     return new.to(loc.dtype), m_mu
 
 
+_COORD_SPECS: dict[int, tuple[Any, type, int, Structure]] = {}  # id(K.options) -> Π̂(I)
+
+
+def _is_coordinate_of(M: Any, K: Structure) -> bool:
+    """Whether ``M`` has the spec of ``K``'s coordinate elements (``K.coord_identity()``'s),
+    with ``Π̂(I)`` built once per ``K.options`` object (shared by the factors of a fit)."""
+    hit = _COORD_SPECS.get(id(K.options))
+    if hit is None or hit[0] is not K.options or hit[1] is not type(K) or hit[2] != K.dim:
+        if len(_COORD_SPECS) > 64:
+            _COORD_SPECS.clear()
+        hit = _COORD_SPECS[id(K.options)] = (K.options, type(K), K.dim, K.coord_identity())
+    eye = hit[3]
+    return eye.same_spec(M) or (isinstance(M, Structure) and M.spec() == eye.spec())
+
+
 def step(state: NGDState, stats: NGDStats, config: NGDConfig) -> NGDState:
     """One engine step, MATH (2.6). Pure: returns a new state."""
     K = state.factor
     if stats.grad.shape != state.loc.shape:
         raise ValueError(f"stats.grad must have shape {tuple(state.loc.shape)}, "
                          f"got {tuple(stats.grad.shape)}")
-    eye = K.coord_identity()
-    if not eye.same_spec(stats.curvature) and (
-            not isinstance(stats.curvature, Structure) or stats.curvature.spec() != eye.spec()):
-        raise ValueError(f"stats.curvature must be a coordinate element with spec {eye.spec()}")
-    nu = stats.curvature.to(K.dtype).add(eye, alpha=-config.temperature).scale(0.5)
+    if not _is_coordinate_of(stats.curvature, K):
+        raise ValueError(f"stats.curvature must be a coordinate element with spec "
+                         f"{K.coord_identity().spec()}")
+    nu = stats.curvature.to(K.dtype).add_identity(-config.temperature).scale(0.5)
     K_new, m_K = factor_step(
         K, state.factor_momentum, nu, lr=config.lr, alpha=config.momentum,
         retraction=config.retraction, trust_region=config.trust_region,

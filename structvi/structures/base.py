@@ -246,6 +246,11 @@ class Structure:
             return self._new({k: t + other._t[k] for k, t in self._t.items()})
         return self._new({k: t + alpha * other._t[k] for k, t in self._t.items()})
 
+    def add_identity(self, alpha: float) -> Structure:
+        """``self + alpha·Π̂(I)`` (a coordinate element plus a multiple of the coordinate
+        identity; structures override it without building ``Π̂(I)``)."""
+        return self.add(self.coord_identity(), alpha=alpha)
+
     def scale(self, c: float | Tensor) -> Structure:
         """``c * self``."""
         return self._new({k: t * c for k, t in self._t.items()})

@@ -150,6 +150,9 @@ class BlockSites(Structure):
         self._check_same(other)
         return self._map(lambda b, o: b.add(o, alpha), other)
 
+    def add_identity(self, alpha: float) -> BlockSites:
+        return self._map(lambda b: b.add_identity(alpha))
+
     def scale(self, c: float | Tensor) -> BlockSites:
         return self._map(lambda b: b.scale(c))
 

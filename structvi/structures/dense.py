@@ -82,6 +82,11 @@ class Dense(Structure):
     def diagonal(self) -> Tensor:
         return self.matrix.diagonal()
 
+    def add_identity(self, alpha: float) -> Dense:
+        out = self.matrix.clone()
+        out.diagonal().add_(alpha)
+        return self._new({"matrix": out})
+
     def retract(self, M: Structure, retraction: str = "quadratic") -> Dense:
         """``K h(M)``: ``K + KM + ½(KM)M`` (quadratic) or ``K + KM`` (first order) by two / one
         products, without forming ``h(M)`` (float32/float64); ``"expm"`` and half precisions

@@ -81,6 +81,9 @@ class Diagonal(Structure):
     def diagonal(self) -> Tensor:
         return self.diag
 
+    def add_identity(self, alpha: float) -> Diagonal:
+        return self._new({"diag": self.diag + alpha})
+
     def retract(self, M: Structure, retraction: str = "quadratic") -> Diagonal:
         """``k·h(m)`` entrywise: ``k(1 + m + ½m²)`` (quadratic) or ``k(1 + m)``."""
         if retraction not in ("quadratic", "first_order") or type(M) is not Diagonal or \

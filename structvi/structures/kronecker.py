@@ -275,6 +275,14 @@ class Kronecker(Structure):
         f1, f2 = self.factors
         return self._pair(f1.coord_identity(), f2.zeros_like(), "sum")
 
+    def add_identity(self, alpha: float) -> Kronecker:
+        """``(M₁ + αI) ⊗ I + I ⊗ M₂`` for a sum (``Π̂(I) = I ⊗ I + I ⊗ 0``); a product raises
+        as :meth:`add` does."""
+        if self.kind != "sum":
+            return super().add_identity(alpha)
+        f1, f2 = self.factors
+        return self._pair(f1.add_identity(alpha), f2)
+
     def _fix_gauge(self, m1: Structure, m2: Structure) -> Kronecker:
         """The sum ``m1 ⊗ I + I ⊗ (m2 − tr̄(m2) I)``: the common scale kept in the first factor."""
         eye2 = m2.coord_identity()

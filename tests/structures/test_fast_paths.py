@@ -158,3 +158,17 @@ def test_inf_norm_is_kept_while_the_tensors_are_unmodified(gen):
         next(iter(M.blocks[1]._t.values())).mul_(4.0)  # the diagonal block, in place
     assert_close(M.inf_norm(), M.to_dense().abs().sum(-1).max(), 1e-12, "after a change")
     assert float(M.inf_norm()) > float(first)
+
+
+@pytest.mark.parametrize("name,opts", LEAVES + [("kronecker", {"dims": (3, 4)})])
+def test_add_identity_equals_adding_the_coordinate_identity(name, opts, gen):
+    dim = 12 if name == "kronecker" else 7
+    eye = make_structure(name, dim, dtype=F64, **opts).coord_identity()
+    M = eye.project_outer(torch.randn(dim, 3, generator=gen, dtype=F64))
+    for alpha in (1.0, -0.7):
+        got, want = M.add_identity(alpha), M.add(M.coord_identity(), alpha=alpha)
+        _same_as_validated(got)
+        assert_close(got.to_dense(), want.to_dense(), 0.0, f"{name} + {alpha}·Π̂(I)")
+    S = _random(_sites(), gen).coord_identity().scale(0.3)
+    assert_close(S.add_identity(-1.0).to_dense(), S.add(S.coord_identity(), alpha=-1.0).to_dense(),
+                 0.0, "block sites")
