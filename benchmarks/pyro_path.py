@@ -14,11 +14,13 @@ Pyro's low-rank-plus-diagonal *covariance* are different families).
 
 Part 2 — the digits BNN of ``examples/pyro_bnn.py`` (Kronecker NGD vs AutoNormal + Adam):
 test accuracy, NLL, ECE, full-data ELBO, wall-clock and CPU seconds (after an untimed warm-up
-of both, so one-time imports count for neither).
+of both, so one-time imports count for neither), and the CPU time per step of both measured in
+alternating rounds (:func:`interleaved_step_times`; the ratio to read on a shared machine).
 
-Run: ``python -m benchmarks.pyro_path [--quick]``; writes ``benchmarks/results/pyro_path.json``
-and ``pyro_path.md`` (``--quick``: under ``benchmarks/results/quick/``; the markdown tables are
-also printed). One intra-op thread.
+Run: ``python -m benchmarks.pyro_path [--quick] [--only bnn]``; writes
+``benchmarks/results/pyro_path.json`` and ``pyro_path.md`` (``--quick``: under
+``benchmarks/results/quick/``; the markdown tables are also printed). ``--only bnn`` reruns part 2
+alone and keeps part 1 of the existing results file. One intra-op thread.
 """
 
 from __future__ import annotations
@@ -176,6 +178,46 @@ def logistic(quick: bool, log: Callable[[str], None]) -> list[dict[str, Any]]:
     return results
 
 
+def interleaved_step_times(example: Any, rounds: int = 7, steps: int = 50,
+                           warmup: int = 20) -> dict[str, Any]:
+    """CPU milliseconds per step of both BNN methods, measured in alternating rounds.
+
+    ``rounds`` times: ``steps`` structvi steps, then ``steps`` AutoNormal + Adam steps (after
+    ``warmup`` steps of each; the example's settings, structvi at its post-warm-up rate). On a
+    shared machine the load changes during a run; alternating rounds expose both methods to the
+    same load, and the ratio per round (fastest and median) is the comparison to read.
+    """
+    from pyro.infer.autoguide import init_to_sample
+
+    from structvi.engine import NGDConfig
+
+    X, y, _, _ = example.load_digits(0)
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    ours_model, theirs_model = example.BayesianMLP(), example.BayesianMLP()
+    guide = AutoStructuredNormal(ours_model, structure={"fc1.weight": "kronecker",
+                                                        "fc2.weight": "kronecker"},
+                                 init_loc_fn=init_to_sample, init_scale=0.05)
+    ours = NaturalGradientSVI(ours_model, guide, estimator="stein", num_samples=8,
+                              config=NGDConfig(lr=0.05), generator=torch.Generator().manual_seed(0))
+    normal = AutoNormal(theirs_model, init_loc_fn=init_to_sample, init_scale=0.05)
+    theirs = SVI(theirs_model, normal, pyro.optim.Adam({"lr": 0.01}), Trace_ELBO())
+    methods = {"structvi": lambda: ours.step(X, y, 256), "pyro": lambda: theirs.step(X, y, 256)}
+    for step in methods.values():
+        for _ in range(warmup):
+            step()
+    ms: dict[str, list[float]] = {name: [] for name in methods}
+    for _ in range(rounds):
+        for name, step in methods.items():
+            t0 = time.process_time()
+            for _ in range(steps):
+                step()
+            ms[name].append(1e3 * (time.process_time() - t0) / steps)
+    ratios = [a / b for a, b in zip(ms["structvi"], ms["pyro"])]
+    return {"rounds": rounds, "steps_per_round": steps, "cpu_ms": ms,
+            "ratio_min": min(ratios), "ratio_median": float(np.median(ratios))}
+
+
 def bnn(quick: bool) -> dict[str, Any]:
     path = ROOT / "examples" / "pyro_bnn.py"
     spec = importlib.util.spec_from_file_location("pyro_bnn_example", path)
@@ -185,8 +227,9 @@ def bnn(quick: bool) -> dict[str, Any]:
     # Untimed warm-up of both methods: one-time lazy imports and caches (e.g. the first
     # torch.broadcast_shapes call imports sympy, ~1 s) must not land in whichever runs first.
     example.main(steps=3, eval_samples=2, verbose=False)
-    return {"steps": steps, "hidden": 32, "batch_size": 256,
-            "results": example.main(steps=steps, verbose=False)}
+    results = example.main(steps=steps, verbose=False)
+    return {"steps": steps, "hidden": 32, "batch_size": 256, "results": results,
+            "interleaved": interleaved_step_times(example, rounds=5 if quick else 9)}
 
 
 def _fmt(x: float | None, spec: str) -> str:
@@ -222,6 +265,16 @@ def markdown(logi: list[dict[str, Any]], net: dict[str, Any], meta: dict[str, An
                      f"{r['seconds'] / base['seconds']:.2f} | "
                      f"{1000 * r['cpu_seconds'] / net['steps']:.1f} | "
                      f"{r['cpu_seconds'] / base['cpu_seconds']:.2f} |")
+    inter = net.get("interleaved")
+    if inter is not None:
+        lines += ["", f"Interleaved CPU time per step ({inter['rounds']} alternating rounds of "
+                  f"{inter['steps_per_round']} steps each, after a warm-up): structvi "
+                  f"{np.median(inter['cpu_ms']['structvi']):.1f} ms, AutoNormal "
+                  f"{np.median(inter['cpu_ms']['pyro']):.1f} ms (medians); structvi / AutoNormal "
+                  f"per round: **{inter['ratio_median']:.2f}×** median, "
+                  f"{inter['ratio_min']:.2f}× fastest round. The columns above time each "
+                  f"method's whole run once, one after the other, so a change of the machine's "
+                  f"load between the two runs moves their ratio."]
     lines += ["", "The structvi samples of a step are evaluated under `torch.func.vmap` (detected "
               "at set-up: a `PyroModule` network cannot broadcast a particle plate); seconds "
               "include the set-up. `seconds`/`ms/step` are wall-clock; `CPU ms/step` is the "
@@ -233,6 +286,9 @@ def markdown(logi: list[dict[str, Any]], net: dict[str, Any], meta: dict[str, An
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps, one Adam rate")
+    parser.add_argument("--only", choices=["bnn"], default=None,
+                        help="rerun only this part, keeping the other parts of the existing "
+                             "results file in --out")
     parser.add_argument("--out", default=None,
                         help="results folder (default benchmarks/results, with --quick "
                              "benchmarks/results/quick)")
@@ -243,13 +299,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     warnings.filterwarnings("ignore", category=FutureWarning)
     meta = {"quick": args.quick, "torch": torch.__version__, "pyro": pyro.__version__,
             "machine": platform.machine(), "python": platform.python_version()}
+    out = Path(args.out)
     t0 = time.perf_counter()
-    print("logistic regression", flush=True)
-    logi = logistic(args.quick, lambda s: print(s, flush=True))
+    if args.only == "bnn":
+        old = out / "pyro_path.json"
+        if not old.exists():
+            parser.error(f"--only bnn keeps part 1 of {old}, which does not exist; run the "
+                         f"whole benchmark first")
+        previous = json.loads(old.read_text())
+        if previous["meta"].get("quick") != args.quick:
+            kind = "quick" if previous["meta"].get("quick") else "full"
+            parser.error(f"--only bnn: {old} holds a {kind} run; rerun with the same --quick "
+                         f"setting")
+        logi = previous["logistic"]
+        meta = {**previous["meta"], **{k: meta[k] for k in ("torch", "pyro", "machine", "python")}}
+    else:
+        print("logistic regression", flush=True)
+        logi = logistic(args.quick, lambda s: print(s, flush=True))
     print("digits BNN", flush=True)
     net = bnn(args.quick)
-    meta["seconds"] = round(time.perf_counter() - t0, 1)
-    out = Path(args.out)
+    if args.only == "bnn":
+        meta["bnn_seconds"] = round(time.perf_counter() - t0, 1)
+    else:
+        meta["seconds"] = round(time.perf_counter() - t0, 1)
     out.mkdir(parents=True, exist_ok=True)
     payload = {"meta": meta, "logistic": logi, "bnn": net}
     (out / "pyro_path.json").write_text(json.dumps(payload, indent=1) + "\n")

@@ -17,9 +17,10 @@ under-confidently (ECE ≈ 0.2 for both); the Kronecker posterior reaches a clea
 (≈ −1345 vs ≈ −1480 after 1000 steps) and a lower test NLL. ``NaturalGradientSVI`` detects at
 set-up that a ``PyroModule`` network cannot broadcast a particle dimension and evaluates its 8
 samples per step with :func:`torch.func.vmap` (``svi.vectorization == "vmap"``): a step costs
-about 2× Adam's single-sample ``AutoNormal`` step in wall-clock and CPU time (5× when the
-samples were evaluated one by one; ``benchmarks/pyro_path.py``), and half of it is the two
-vectorized model runs (the estimate and the step's acceptance test).
+about 1.75× the CPU time of Adam's single-sample ``AutoNormal`` step (median over alternating
+rounds; 5× when the samples were evaluated one by one; ``benchmarks/pyro_path.py``), and about
+60 % of it is the two vectorized model runs (the estimate with its gradients and the step's
+acceptance test).
 
 The script also saves a reliability diagram of both posterior predictives (accuracy against
 confidence in 15 bins; the diagonal is perfect calibration) to ``--plot``.

@@ -44,10 +44,10 @@ from structvi import engine
 from structvi.engine import NGDConfig, NGDState
 from structvi.structures import Structure
 
-__all__ = ["Proposal", "StepRule", "logdet_retraction", "retraction_coordinates"]
+__all__ = ["Proposal", "StepRule", "logdet_retraction", "retraction_coordinates", "series_terms"]
 
 _RADIUS = {"quadratic": math.sqrt(2.0), "first_order": 1.0}  # convergence radius of log h(x)
-_MAX_TERMS = 200
+_MAX_TERMS = 400  # q < 0.9: the tail bound is below 1e-16·‖M‖_F² well before
 
 
 @dataclass(frozen=True)
@@ -78,8 +78,24 @@ class StepRule:
         n = diffs.shape[0]
         se = float(diffs.std() / math.sqrt(n)) if n > 1 else math.inf
         spread = float(values.std()) if values.shape[0] > 1 else 0.0
+        return self._allowance(se, spread)
+
+    def _allowance(self, se: float, spread: float) -> float:
         se = se if math.isfinite(se) else math.inf
         return self.tolerance + min(2.0 * se, 10.0 * self.tolerance + spread)
+
+    def gain_and_allowance(self, diffs: Tensor, values: Tensor) -> tuple[float, float]:
+        """``(mean(diffs), allowance)``, ``mean = −inf`` when a difference is not finite; one
+        host transfer (the same numbers as :meth:`allowance`)."""
+        n, m = diffs.shape[0], values.shape[0]
+        one = diffs.new_ones(())
+        stats = torch.stack([diffs.mean(), torch.isfinite(diffs).all().to(diffs.dtype),
+                             diffs.std() / math.sqrt(n) if n > 1 else one,
+                             values.std() if m > 1 else one]).tolist()
+        mean, finite, se, spread = stats
+        if not finite:
+            return -math.inf, math.nan
+        return mean, self._allowance(se if n > 1 else math.inf, spread if m > 1 else 0.0)
 
 
 class Proposal(NamedTuple):
@@ -141,44 +157,107 @@ def _log_series(retraction: str, terms: int) -> tuple[float, ...]:
     return tuple(bj / (j + 1) for j, bj in enumerate(b))
 
 
-def logdet_retraction(M: Structure, retraction: str = "quadratic") -> float | None:
-    r"""``log|det h(M)|`` by matrix products only: ``tr log h(M) = Σ_k c_k tr(M^k)``.
+_LOGDET_TOL = 1e-11  # nats: the bound on the truncation error of one log|det h(M)|
 
-    ``"expm"``: exactly ``tr M``. ``"quadratic"`` / ``"first_order"``: the Taylor series of
-    ``log h`` (convergence radius ``√2`` / ``1`` in the spectral radius, which ``‖M‖_∞`` bounds),
-    summed until the tail bound ``d·|c_k|·‖M‖_∞^k`` is below ``1e-12`` nats. A Kronecker
-    coordinate ``M₁ ⊗ I + I ⊗ M₂`` (retracted factor-wise) gives
-    ``d₂ log|det h(M₁)| + d₁ log|det h(M₂)|``, and a block-sites coordinate the sum over its
-    sites (each retracted on its own).
 
-    Returns:
-        The value, or ``None`` when ``‖M‖_∞`` is outside ``0.9×`` the convergence radius (only
-        possible without a trust region or with ``trust_region ≥ 1.27``).
+def _coefficient_bound(retraction: str) -> tuple[float, float]:
+    """``(a, R)`` with ``|c_k| ≤ (a/k)·R^{−k}`` for the Taylor coefficients of ``log h``.
+
+    ``first_order``: ``log(1 + x) = Σ (−1)^{k+1} x^k / k``, so ``|c_k| = 1/k`` (``a = 1, R = 1``).
+    ``quadratic``: ``h(x) = ½(x − r)(x − r̄)`` with ``r = −1 + i`` and ``|r|² = 2``, so
+    ``log h(x) = log(1 − x/r) + log(1 − x/r̄)`` and ``c_k = −(2/k) Re(r^{−k})``:
+    ``|c_k| ≤ (2/k)·2^{−k/2}`` (``a = 2, R = √2``).
     """
+    return (2.0, math.sqrt(2.0)) if retraction == "quadratic" else (1.0, 1.0)
+
+
+def series_terms(rho: float, fro2: float, retraction: str, tol: float) -> int | None:
+    r"""The number ``K ≥ 1`` of series terms after which the tail of ``Σ_k c_k tr(M^k)`` is
+    below ``tol``, given ``ρ ≥ ρ(M)`` (an upper bound on the spectral radius) and
+    ``fro2 = ‖M‖_F²``; ``None`` when ``ρ ≥ 0.9 R``.
+
+    For ``k ≥ 2``, ``|tr M^k| ≤ Σ|λ_i|^k ≤ ρ^{k−2} Σ|λ_i|² ≤ ρ^{k−2} ‖M‖_F²`` (Schur), so with
+    ``|c_k| ≤ (a/k) R^{−k}`` and ``q = ρ/R``:
+
+    .. math:: \Big|\sum_{k>K} c_k \operatorname{tr} M^k\Big|
+              \le \frac{a\,\|M\|_F^2}{\rho^2}\sum_{k>K}\frac{q^k}{k}
+              \le \frac{a\,\|M\|_F^2}{R^2}\,\frac{q^{K-1}}{(K+1)(1-q)}.
+    """
+    a, R = _coefficient_bound(retraction)
+    if not (math.isfinite(rho) and math.isfinite(fro2)) or rho >= 0.9 * R:
+        return None
+    q = rho / R
+    scale = a * fro2 / (R * R * (1.0 - q))
+    K = 1
+    while scale * q ** (K - 1) / (K + 1) > tol and K < _MAX_TERMS:
+        K += 1
+    return K
+
+
+def _leaves(M: Structure, weight: float, out: list[tuple[Structure, float]]) -> None:
+    """``log|det h(M)| = Σ weight_i · log|det h(M_i)|`` over the leaves ``M_i`` of ``M``: a
+    Kronecker coordinate ``M₁ ⊗ I + I ⊗ M₂`` (retracted factor-wise) gives ``(M₁, d₂)`` and
+    ``(M₂, d₁)``, a block-sites coordinate its sites (each retracted on its own)."""
     parts = getattr(M, "factors", None)
     if parts is not None and getattr(M, "kind", None) == "sum":
         d1, d2 = M.dims
-        a, b = (logdet_retraction(f, retraction) for f in parts)
-        return None if a is None or b is None else d2 * a + d1 * b
+        _leaves(parts[0], weight * d2, out)
+        _leaves(parts[1], weight * d1, out)
+        return
     blocks = getattr(M, "blocks", None)
     if isinstance(blocks, (list, tuple)) and all(isinstance(b, Structure) for b in blocks):
-        values = [logdet_retraction(b, retraction) for b in blocks]  # block_sites: per site
-        return None if any(v is None for v in values) else sum(values)
+        for b in blocks:
+            _leaves(b, weight, out)
+        return
+    out.append((M, weight))
+
+
+def logdet_retraction(M: Structure, retraction: str = "quadratic",
+                      tol: float = _LOGDET_TOL) -> float | None:
+    r"""``log|det h(M)|`` by matrix products only: ``tr log h(M) = Σ_k c_k tr(M^k)``.
+
+    ``"expm"``: exactly ``tr M``. ``"quadratic"`` / ``"first_order"``: the Taylor series of
+    ``log h`` (convergence radius ``R = √2`` / ``1`` in the spectral radius ``ρ(M)``), summed
+    to ``K`` terms with the rigorous tail bound of :func:`series_terms`,
+
+    .. math:: \Big|\sum_{k>K} c_k \operatorname{tr} M^k\Big|
+              \le rac{a\,\|M\|_F^2}{R^2}\,rac{q^{K-1}}{(K+1)(1-q)},\qquad
+              q = rac{\min(\|M\|_\infty, \|M\|_F)}{R},
+
+    (``a = 2`` / ``1``; ``|tr M^k| ≤ ρ^{k−2}‖M‖_F²`` and ``|c_k| ≤ (a/k)R^{−k}``), below ``tol``
+    nats in all (each leaf gets ``tol`` divided by the number of leaves and its weight). A
+    Kronecker coordinate ``M₁ ⊗ I + I ⊗ M₂`` (retracted factor-wise) gives
+    ``d₂ log|det h(M₁)| + d₁ log|det h(M₂)|``, and a block-sites coordinate the sum over its
+    sites (each retracted on its own). The truncation error is at most ``tol``; the products
+    themselves are computed in ``M``'s dtype.
+
+    Returns:
+        The value, or ``None`` when ``min(‖M‖_∞, ‖M‖_F)`` of a leaf is not below ``0.9 R``
+        (only possible without a trust region or with ``trust_region ≥ 1.27``).
+    """
+    leaves: list[tuple[Structure, float]] = []
+    _leaves(M, 1.0, leaves)
     if retraction == "expm":
-        return float(M.trace())
-    norm = float(M.inf_norm())
-    if not math.isfinite(norm) or norm >= 0.9 * _RADIUS[retraction]:
-        return None
-    if norm == 0.0:
-        return 0.0
+        traces = torch.stack([m.trace() for m, _ in leaves]).tolist()
+        return sum(w * t for (_, w), t in zip(leaves, traces))
+    norms = torch.stack([x for m, _ in leaves
+                         for x in (m.inf_norm(), m.gram_diagonal().sum())]).tolist()
+    traces, weights = [], []
+    leaf_tol = tol / len(leaves)
     coeffs = _log_series(retraction, _MAX_TERMS)
-    ratio = norm / _RADIUS[retraction]
-    terms = next((k for k in range(1, _MAX_TERMS) if M.dim * max(abs(x) for x in coeffs[k : k + 4])
-                  * norm ** (k + 1) / (1 - ratio) < 1e-12), _MAX_TERMS)
-    total = 0.0
-    for c, t in zip(coeffs, M.power_traces(terms)):  # tr(M^k), k = 1..terms, one transfer
-        total += c * t
-    return total
+    for i, (m, w) in enumerate(leaves):
+        inf, fro2 = norms[2 * i], norms[2 * i + 1]
+        if fro2 == 0.0:
+            continue
+        terms = series_terms(min(inf, math.sqrt(fro2)), fro2, retraction, leaf_tol / w)
+        if terms is None:
+            return None
+        traces.append(m.power_trace_tensor(terms))
+        weights.extend(w * c for c in coeffs[:terms])
+    if not traces:
+        return 0.0
+    t = torch.cat([x.to(traces[0].dtype) for x in traces]).to(torch.float64)
+    return float(t @ torch.tensor(weights, dtype=torch.float64, device=t.device))
 
 
 def propose(
@@ -223,10 +302,9 @@ def propose(
         if not rule.accept:
             return Proposal(new, logdet, math.nan, s, k + 1, True)
         Z = new.loc + new.factor.matmul(eps.T.to(new.factor.dtype)).T.to(new.loc.dtype)
-        diffs = evaluate(Z) - values
-        gain = float(diffs.mean()) + temperature * logdet if bool(torch.isfinite(diffs).all()) \
-            else -math.inf
-        accepted = math.isfinite(gain) and gain >= -rule.allowance(diffs, values)
+        mean, allowance = rule.gain_and_allowance(evaluate(Z) - values, values)
+        gain = mean + temperature * logdet if math.isfinite(mean) else -math.inf
+        accepted = math.isfinite(gain) and gain >= -allowance
         last = Proposal(new, logdet, gain, s, k + 1, accepted)
         if accepted:
             return last
@@ -234,6 +312,11 @@ def propose(
 
 
 def _is_finite_state(state: NGDState) -> bool:
-    tensors = [state.loc, state.loc_momentum, *state.factor.tensors().values(),
-               *state.factor_momentum.tensors().values()]
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
+    """Every entry of the mean, the factor and both momenta is finite (one check, one sync)."""
+    tensors = [state.loc, state.loc_momentum, *state.factor._t.values(),
+               *state.factor_momentum._t.values()]
+    dt = tensors[0].dtype
+    for t in tensors[1:]:
+        dt = t.dtype if t.dtype == dt else torch.promote_types(dt, t.dtype)
+    flat = torch.cat([t.reshape(-1) if t.dtype == dt else t.reshape(-1).to(dt) for t in tensors])
+    return bool(torch.isfinite(flat).all())

@@ -225,9 +225,13 @@ def _gradient_estimator(
                    device=loc.device)
     Z = sample_points(loc.to(dt), K, eps)
     values, G = value_and_grad_f(log_joint, Z, point_dtype or loc.dtype)
-    keep = _keep_mask(~(torch.isfinite(values) & _rows_finite(G)), antithetic)
-    bad = _first_bad(values, G)
-    n = int(keep.sum())
+    finite = torch.isfinite(values) & _rows_finite(G)
+    if bool(finite.all()):  # the usual case: one check, nothing dropped
+        n, bad = num_samples, None
+    else:
+        keep = _keep_mask(~finite, antithetic)
+        bad = _first_bad(values, G)
+        n = int(keep.sum())
     if n == 0:
         return _empty_estimate(values, eps, num_samples, bad)
     if n < num_samples:
@@ -235,7 +239,7 @@ def _gradient_estimator(
     U = (K.rmatmul(G.T) - control * eps.T) / n  # (d, n): (Kᵀ∇f(z_s) − c ε_s) / n
     curvature = K.project_outer(U, eps.T)
     if control:
-        curvature = curvature.add(curvature.coord_identity(), alpha=control)
+        curvature = curvature.add_identity(control)
 
     def quad_form(u: Tensor) -> Tensor:
         u = u.to(dt)

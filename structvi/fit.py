@@ -100,10 +100,12 @@ def _mean_line_search(state: NGDState, est: Estimate, cfg: NGDConfig) -> NGDConf
     acc = engine.accumulation_dtype(state.loc.dtype, state.factor.dtype)
     K = state.factor.to(acc) if state.factor.dtype != acc else state.factor
     g = est.stats.grad.to(acc)
-    m_mu = cfg.alpha_mean * state.loc_momentum.to(acc) + g
-    u = K.rmatmul(m_mu)
-    slope = float(K.rmatmul(g) @ u)
-    norm = float(u.norm())
+    if cfg.alpha_mean == 0:  # m_μ = g: one product
+        u = K.rmatmul(g)
+        slope, norm = (float(x) for x in torch.stack([u @ u, u.norm()]).tolist())
+    else:
+        u = K.rmatmul(cfg.alpha_mean * state.loc_momentum.to(acc) + g)
+        slope, norm = (float(x) for x in torch.stack([K.rmatmul(g) @ u, u.norm()]).tolist())
     if not (slope > 0 and math.isfinite(slope) and math.isfinite(norm)):
         return cfg.replace(lr_mean=0.0)  # uphill, g = 0, or not finite: no mean step this time
     curv = float(est.quad_form(u / norm)) * norm * norm

@@ -206,7 +206,8 @@ def factor_step(
     ``nu`` is the natural gradient in local coordinates (minimization sign). Returns the new
     factor (factor dtype) and momentum (momentum dtype).
     """
-    m = momentum.scale(alpha).add(nu.to(momentum.dtype))
+    nu = nu.to(momentum.dtype)
+    m = nu if alpha == 0 else momentum.scale(alpha).add(nu)  # 0·m + ν = ν (m is finite)
     beta: float | Tensor = lr
     if trust_region is not None:
         dt = torch.promote_types(m.dtype, torch.float32)  # float64 stays float64, bf16 → float32
@@ -228,7 +229,8 @@ def mean_step(
     steps of CG on ``Ē v = m_μ`` preconditioned by ``K Kᵀ`` (relative tolerance ``cg_tol``);
     ``‖K⁻¹ v‖ ≤ trust_region`` either way. The direction is computed in float32 or wider and rounded once into ``loc``'s dtype.
     """
-    m_mu = alpha * loc_momentum + grad.to(loc_momentum.dtype)
+    g = grad.to(loc_momentum.dtype)
+    m_mu = g if alpha == 0 else alpha * loc_momentum + g
     if hvp is not None and cg_iters > 0:
         direction = trust_region_cg(hvp, m_mu, factor, iters=cg_iters, radius=trust_region,
                                     rtol=cg_tol)
@@ -238,16 +240,31 @@ def mean_step(
     return new.to(loc.dtype), m_mu
 
 
+_COORD_SPECS: dict[int, tuple[Any, type, int, Structure]] = {}  # id(K.options) -> Π̂(I)
+
+
+def _is_coordinate_of(M: Any, K: Structure) -> bool:
+    """Whether ``M`` has the spec of ``K``'s coordinate elements (``K.coord_identity()``'s),
+    with ``Π̂(I)`` built once per ``K.options`` object (shared by the factors of a fit)."""
+    hit = _COORD_SPECS.get(id(K.options))
+    if hit is None or hit[0] is not K.options or hit[1] is not type(K) or hit[2] != K.dim:
+        if len(_COORD_SPECS) > 64:
+            _COORD_SPECS.clear()
+        hit = _COORD_SPECS[id(K.options)] = (K.options, type(K), K.dim, K.coord_identity())
+    eye = hit[3]
+    return eye.same_spec(M) or (isinstance(M, Structure) and M.spec() == eye.spec())
+
+
 def step(state: NGDState, stats: NGDStats, config: NGDConfig) -> NGDState:
     """One engine step, MATH (2.6). Pure: returns a new state."""
     K = state.factor
     if stats.grad.shape != state.loc.shape:
         raise ValueError(f"stats.grad must have shape {tuple(state.loc.shape)}, "
                          f"got {tuple(stats.grad.shape)}")
-    eye = K.coord_identity()
-    if not isinstance(stats.curvature, Structure) or stats.curvature.spec() != eye.spec():
-        raise ValueError(f"stats.curvature must be a coordinate element with spec {eye.spec()}")
-    nu = stats.curvature.to(K.dtype).add(eye, alpha=-config.temperature).scale(0.5)
+    if not _is_coordinate_of(stats.curvature, K):
+        raise ValueError(f"stats.curvature must be a coordinate element with spec "
+                         f"{K.coord_identity().spec()}")
+    nu = stats.curvature.to(K.dtype).add_identity(-config.temperature).scale(0.5)
     K_new, m_K = factor_step(
         K, state.factor_momentum, nu, lr=config.lr, alpha=config.momentum,
         retraction=config.retraction, trust_region=config.trust_region,

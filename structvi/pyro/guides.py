@@ -216,7 +216,10 @@ class AutoStructuredNormal(AutoContinuous):
         if not isinstance(loc, Tensor) or loc.shape != self.loc.shape:
             shape = tuple(loc.shape) if isinstance(loc, Tensor) else type(loc).__name__
             raise ValueError(f"loc must have shape {tuple(self.loc.shape)}, got {shape}")
-        if not isinstance(factor, Structure) or factor.spec() != self._factor_spec:
+        spec = self._factor_spec
+        same = isinstance(factor, Structure) and factor.name == spec["name"] and (
+            factor.dim == spec["dim"] and factor.options == spec["options"])  # no spec() copy
+        if not same and (not isinstance(factor, Structure) or factor.spec() != spec):
             got = factor.spec() if isinstance(factor, Structure) else type(factor).__name__
             raise ValueError(f"factor must have spec {self._factor_spec}, got {got}")
         self.loc.copy_(loc)

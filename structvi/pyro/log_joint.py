@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pyro
+import pyro.distributions as pyro_dist
 import pyro.poutine as poutine
 import torch
 from pyro.distributions.util import scale_and_mask
@@ -76,19 +77,126 @@ def _per_particle(lp: Tensor | float, n: int, dim: int) -> Tensor:
     return lp.reshape(lp.shape[0], -1).sum(1).expand(n)
 
 
-def _trace_log_joint(trace, ladj, n: int | None, dim: int | None) -> Tensor:
-    """``Σ_sites log p`` (scaled, masked) plus the scaled log-Jacobians, per particle."""
+def _unvalidated_log_prob(site: dict[str, Any]) -> Tensor:
+    """``site["fn"].log_prob(value)`` with the distribution's own argument validation off for
+    the call (distributions built while validation was on, e.g. a ``PyroSample`` prior made at
+    module construction, keep ``_validate_args=True`` whatever Pyro's switch says later)."""
+    chain, d = [], site["fn"]
+    while d is not None and len(chain) < 8:
+        if d.__dict__.get("_validate_args"):
+            chain.append(d)
+        d = d.__dict__.get("base_dist")
+    for d in chain:
+        d._validate_args = False
+    try:
+        return site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+    finally:
+        for d in chain:
+            d._validate_args = True
+
+
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+def _holds_wrapped(obj: Any, depth: int = 0) -> bool:
+    """Whether ``obj`` (a distribution, its transforms, containers) holds a tensor of the
+    ``vmap`` in progress; ``True`` when too deep to tell (then it is not hoisted)."""
+    if isinstance(obj, Tensor):
+        return _is_wrapped(obj)
+    if depth > 6:
+        return True
+    if isinstance(obj, (list, tuple)):
+        return any(_holds_wrapped(v, depth + 1) for v in obj)
+    if isinstance(obj, dict):
+        return any(_holds_wrapped(v, depth + 1) for v in obj.values())
+    inner = getattr(obj, "__dict__", None)
+    if inner is None or isinstance(obj, type):
+        return False
+    return any(_holds_wrapped(v, depth + 1) for v in inner.values())
+
+
+def _hoistable(site: dict[str, Any]) -> bool:
+    """A site whose distribution, scale and mask do not depend on the ``vmap``-ed row: its
+    log-density can be evaluated once for all rows outside ``vmap`` (:func:`latent_log_joint`)."""
+    if site["args"] or site["kwargs"] or site["mask"] is not None:
+        return False
+    fn = site["fn"]
+    if site["value"].dim() < len(fn.batch_shape) + len(fn.event_shape):  # n would broadcast
+        return False
+    scale = site["scale"]
+    if isinstance(scale, Tensor) and (scale.dim() or _is_wrapped(scale)):
+        return False
+    if _ROW_FREE.get(id(fn)) is fn:  # the same prior object as before (a PyroSample's)
+        return True
+    if _holds_wrapped(fn):
+        return False
+    if len(_ROW_FREE) > 256:
+        _ROW_FREE.clear()
+    _ROW_FREE[id(fn)] = fn
+    return True
+
+
+# distributions found free of vmap-ed tensors, by id (kept alive here, so ids stay theirs):
+# a fixed prior is scanned once, not at every evaluation
+_ROW_FREE: dict[int, Any] = {}
+
+
+def _trace_log_joint(trace, ladj, n: int | None, dim: int | None,
+                     hoist: tuple[set, list] | None = None) -> Tensor:
+    """``Σ_sites log p`` (scaled, masked) plus the scaled log-Jacobians, per particle.
+
+    With Pyro's validation switched off (``NaturalGradientSVI.step`` does, after validating at
+    set-up: an overflowing sample is a skipped step, not a constraint error) the sites'
+    ``log_prob`` skip their argument checks too, also for distributions built while it was on.
+
+    ``hoist = (names, out)`` (under ``vmap``): the sites named in ``names`` whose distribution
+    does not depend on the row (:func:`_hoistable`) are left out and appended to ``out`` as
+    ``(name, fn, scale)``, for the caller to evaluate on all rows at once.
+    """
+    quiet = not pyro_dist.is_validation_enabled()
     terms = []
-    for site in trace.nodes.values():
+    for name, site in trace.nodes.items():
         if site["type"] != "sample" or site_is_subsample(site):
             continue
-        lp = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+        if hoist is not None and name in hoist[0] and _hoistable(site):
+            hoist[1].append((name, site["fn"], site["scale"]))
+            continue
+        if quiet:
+            lp = _unvalidated_log_prob(site)
+        else:
+            lp = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
         lp = scale_and_mask(lp, site["scale"], site["mask"])
         terms.append(torch.as_tensor(lp).sum() if n is None else _per_particle(lp, n, dim))
     for name, value in ladj.items():
         scaled = value * trace.nodes[name]["scale"]
         terms.append(scaled.sum() if n is None else scaled.reshape(n, -1).sum(1))
+    if not terms:  # every site hoisted: a zero of the row
+        return next(iter(trace.nodes[k]["value"] for k in hoist[0] if k in trace.nodes)).sum() * 0
     return sum(terms[1:], terms[0])
+
+
+def _hoisted_log_prob(hoisted: list, values: dict[str, Tensor], n: int) -> Tensor:
+    """``Σ scale · fn.log_prob(value)`` of the hoisted sites for all ``n`` rows at once:
+    ``values[name]`` has shape ``(n,) + site shape`` and broadcasts against ``fn``'s batch
+    shape; the result is summed over every dim but the first, shape ``(n,)``."""
+    quiet = not pyro_dist.is_validation_enabled()
+    total = None
+    for name, fn, scale in hoisted:
+        site = {"fn": fn, "value": values[name], "args": (), "kwargs": {}}
+        lp = _unvalidated_log_prob(site) if quiet else fn.log_prob(values[name])
+        lp = lp.reshape(n, -1).sum(1) if lp.dim() else lp.expand(n)
+        lp = lp if isinstance(scale, (int, float)) and scale == 1.0 else lp * scale
+        total = lp if total is None else total + lp
+    return total
+
+
+def _constrained_rows(guide: Any, U: Tensor, names: set[str]) -> dict[str, Tensor]:
+    """The constrained values of the latent sites ``names`` for all rows of ``U`` (``(n, d)``),
+    each of shape ``(n,) + site shape`` (the guide's packing and transforms)."""
+    sites, _, _ = guide._constrain_layout()
+    n = U.shape[0]
+    return {name: transform(U[:, pos:pos + size].reshape((n,) + unc))
+            for name, pos, size, unc, _, transform in sites if name in names}
 
 
 def _subsample_sites(trace: poutine.Trace) -> poutine.Trace:
@@ -187,6 +295,21 @@ def latent_log_joint(
         values, ladj = guide.constrain(u, skip_zero_jacobians=True)
         return _trace_log_joint(trace_at(values), ladj, None, None)
 
+    def vmapped(U: Tensor) -> Tensor:
+        """``vmap`` of ``single``, with the log-densities of row-independent latent sites (a
+        ``PyroSample`` prior with fixed parameters) evaluated outside, once for all rows."""
+        hoisted: list = []
+
+        def body(u: Tensor) -> Tensor:
+            values, ladj = guide.constrain(u, skip_zero_jacobians=True)
+            return _trace_log_joint(trace_at(values), ladj, None, None, (set(values), hoisted))
+
+        out = torch.func.vmap(body, randomness="same")(U)
+        if hoisted:
+            values = _constrained_rows(guide, U, {name for name, _, _ in hoisted})
+            out = out + _hoisted_log_prob(hoisted, values, U.shape[0]).to(out.dtype)
+        return out
+
     def log_joint(U: Tensor) -> Tensor:
         if U.dim() != 2 or U.shape[1] != guide.latent_dim:
             raise ValueError(f"expected points of shape (n, {guide.latent_dim}), got "
@@ -195,11 +318,11 @@ def latent_log_joint(
             return torch.stack([single(u) for u in U])
         if mode == "vmap":
             fresh = cell["subsample"] is None
-            out = torch.func.vmap(single, randomness="same")(U)  # one minibatch for all rows
+            out = vmapped(U)  # one minibatch for all rows
             if fresh and not _plain(cell["subsample"]):  # indices drawn under a transform
                 cell["subsample"] = None
                 head = single(U[0]).reshape(1)  # draw them outside, then replay
-                out = torch.cat([head, torch.func.vmap(single, randomness="same")(U[1:])])
+                out = torch.cat([head, vmapped(U[1:])])
             return out
         n = U.shape[0]
         values, ladj = guide.constrain(U.reshape((n,) + (1,) * max_plate_nesting + U.shape[1:]),

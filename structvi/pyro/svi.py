@@ -198,6 +198,9 @@ class NaturalGradientSVI:
         self._fitter: Fitter | None = None
         self.process_group = process_group
         self._pending: dict[str, Any] | None = None
+        # the guide's parameters (and versions) right after the last step wrote the fitter's
+        # state into them: unchanged at the next step, the fitter's state is reused as it is
+        self._synced: tuple | None = None
         self._nesting, self._params = 0, set()
 
     # ------------------------------------------------------------------ set-up
@@ -295,14 +298,16 @@ class NaturalGradientSVI:
         """
         fitter = self._ensure_setup(args, kwargs)
         guide = self._q_guide
-        factor = guide.factor
-        factor = factor._new({k: t.detach().clone() for k, t in factor._t.items()})
-        fitter.state = fitter.state._replace(loc=guide.loc.detach().clone(), factor=factor)
+        loc, params = guide.loc, guide.factor  # the guide's parameter tensors
+        if self._synced is None or not _same_params(self._synced, loc, params):
+            factor = params._new({k: t.detach().clone() for k, t in params._t.items()})
+            fitter.state = fitter.state._replace(loc=loc.detach().clone(), factor=factor)
         log_joint = self._log_joint(args, kwargs)
         fitter.log_joint = log_joint
         with pyro.validation_enabled(False):  # an overflowing sample is a skipped step,
             record = fitter.step()             # not a constraint error (set-up validated)
         guide.set_state(fitter.state.loc, fitter.state.factor)
+        self._synced = _param_versions(fitter.state, loc, params)  # set_state copies in place
         if (self._params or self._parts) and self.optim is not None:
             self._step_params(args, kwargs, log_joint.subsample())
         return -record.elbo
@@ -383,3 +388,22 @@ class NaturalGradientSVI:
         self._q_guide.set_state(state.loc, state.factor)
         if self.optim is not None and state_dict.get("optim") is not None:
             self.optim.set_state(state_dict["optim"])
+
+
+def _param_versions(state: Any, loc: Tensor, factor: Any) -> tuple | None:
+    """The guide's parameter tensors and their version counters after ``set_state`` copied
+    ``state`` into them, or ``None`` when the copy rounded (other dtypes): then the guide's
+    values are not the state's and must be read back."""
+    if loc.dtype != state.loc.dtype or factor.dtype != state.factor.dtype:
+        return None
+    tensors = (loc, *factor._t.values())
+    return tensors, tuple(t._version for t in tensors)
+
+
+def _same_params(synced: tuple, loc: Tensor, factor: Any) -> bool:
+    """Whether the guide's parameters are the very tensors of ``synced``, unmodified since."""
+    tensors, versions = synced
+    now = (loc, *factor._t.values())
+    return len(now) == len(tensors) and all(
+        a is b and a._version == v for a, b, v in zip(now, tensors, versions))
+

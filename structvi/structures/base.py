@@ -226,6 +226,10 @@ class Structure:
 
     # ------------------------------------------------------------------ linear-space ops
     def _check_same(self, other: Structure, arg: str = "other") -> None:
+        if type(other) is type(self) and other.options is self.options and other.dim == self.dim:
+            a, b = next(iter(self._t.values())), next(iter(other._t.values()))
+            if a.dtype == b.dtype and a.device == b.device:
+                return
         if not self.same_spec(other):
             got = other.spec() if isinstance(other, Structure) else type(other).__name__
             raise ValueError(f"{arg} must be a structure with spec {self.spec()}, got {got}")
@@ -242,9 +246,27 @@ class Structure:
             return self._new({k: t + other._t[k] for k, t in self._t.items()})
         return self._new({k: t + alpha * other._t[k] for k, t in self._t.items()})
 
+    def add_identity(self, alpha: float) -> Structure:
+        """``self + alpha·Π̂(I)`` (a coordinate element plus a multiple of the coordinate
+        identity; structures override it without building ``Π̂(I)``)."""
+        return self.add(self.coord_identity(), alpha=alpha)
+
     def scale(self, c: float | Tensor) -> Structure:
         """``c * self``."""
         return self._new({k: t * c for k, t in self._t.items()})
+
+    def _memo(self, key: str, compute) -> Any:
+        """``compute()``, kept on this (immutable) instance while its tensors are unmodified
+        (their version counters unchanged): e.g. the engine's and the step rule's ``‖m‖_∞`` of
+        the same momentum."""
+        versions = tuple(t._version for t in self._t.values())
+        memo = self.__dict__.setdefault("_memo_values", {})
+        hit = memo.get(key)
+        if hit is not None and hit[0] == versions:
+            return hit[1]
+        value = compute()
+        memo[key] = (versions, value)
+        return value
 
     def max_abs(self) -> Tensor:
         """Largest absolute stored entry (SINGD's ``normalize_lr_cov`` norm)."""
@@ -255,15 +277,20 @@ class Structure:
         return self.diagonal().sum()
 
     def power_traces(self, terms: int) -> list[float]:
-        """``[tr(M), tr(M²), …, tr(M^terms)]`` with ``M^(k+1) = M^k.compose(M)`` (the series of
-        ``log|det h(M)|``); one host transfer. Structures override it without the per-power
-        structure objects, with the same products in the same order."""
+        """``[tr(M), tr(M²), …, tr(M^terms)]`` (the series of ``log|det h(M)|``); one host
+        transfer of :meth:`power_trace_tensor`."""
+        return self.power_trace_tensor(terms).tolist()
+
+    def power_trace_tensor(self, terms: int) -> Tensor:
+        """``tr(M^k)`` for ``k = 1..terms`` as a tensor of shape ``(terms,)``, with
+        ``M^(k+1) = M^k.compose(M)``. Structures override it without the per-power structure
+        objects (dense: half the products, ``tr(M^(h+j)) = Σ (M^h)ᵀ ∘ M^j``)."""
         out, P = [], self
         for k in range(terms):
             out.append(P.trace())
             if k + 1 < terms:
                 P = P.compose(self)
-        return torch.stack(out).tolist() if out else []
+        return torch.stack(out) if out else torch.zeros(0, dtype=self.dtype, device=self.device)
 
     # ------------------------------------------------------------------ dense forms
     def to_dense(self) -> Tensor:
@@ -287,6 +314,10 @@ class Structure:
         )
 
     def _check_vec(self, x: Tensor, arg: str = "x") -> None:
+        t = next(iter(self._t.values()))
+        if isinstance(x, Tensor) and x.dim() in (1, 2) and x.shape[0] == self.dim and (
+                x.dtype == t.dtype and x.device == t.device):
+            return
         if not isinstance(x, Tensor) or x.dim() not in (1, 2) or x.shape[0] != self.dim:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"{arg} must have shape ({self.dim},) or ({self.dim}, n), got {shape}")

@@ -150,6 +150,9 @@ class BlockSites(Structure):
         self._check_same(other)
         return self._map(lambda b, o: b.add(o, alpha), other)
 
+    def add_identity(self, alpha: float) -> BlockSites:
+        return self._map(lambda b: b.add_identity(alpha))
+
     def scale(self, c: float | Tensor) -> BlockSites:
         return self._map(lambda b: b.scale(c))
 
@@ -230,7 +233,8 @@ class BlockSites(Structure):
         return torch.cat([b.gram_diagonal() for b in self.blocks])
 
     def inf_norm(self) -> Tensor:
-        return torch.stack([b.inf_norm() for b in self.blocks]).max()
+        return self._memo("inf_norm",
+                          lambda: torch.stack([b.inf_norm() for b in self.blocks]).max())
 
     def logabsdet(self) -> Tensor:
         return torch.stack([b.logabsdet() for b in self.blocks]).sum()

@@ -82,13 +82,42 @@ class Dense(Structure):
     def diagonal(self) -> Tensor:
         return self.matrix.diagonal()
 
-    def power_traces(self, terms: int) -> list[float]:
-        A, out, P = self.matrix, [], self.matrix
-        for k in range(terms):
-            out.append(P.diagonal().sum())
-            if k + 1 < terms:
-                P = P @ A
-        return torch.stack(out).tolist() if out else []
+    def add_identity(self, alpha: float) -> Dense:
+        out = self.matrix.clone()
+        out.diagonal().add_(alpha)
+        return self._new({"matrix": out})
+
+    def retract(self, M: Structure, retraction: str = "quadratic") -> Dense:
+        """``K h(M)``: ``K + KM + ½(KM)M`` (quadratic) or ``K + KM`` (first order) by two / one
+        products, without forming ``h(M)`` (float32/float64); ``"expm"`` and half precisions
+        (where the rounding of ``h(M)`` first is the tested behaviour) as the base class."""
+        if retraction not in ("quadratic", "first_order") or type(M) is not Dense or \
+                self.matrix.dtype not in (torch.float32, torch.float64):
+            return super().retract(M, retraction)
+        self._check_same(M, "M")
+        K, A = self.matrix, M.matrix
+        KM = K @ A
+        out = K + KM
+        return self._new({"matrix": torch.addmm(out, KM, A, alpha=0.5)
+                          if retraction == "quadratic" else out})
+
+    def power_trace_tensor(self, terms: int) -> Tensor:
+        """``tr(M^k)``, ``k ≤ terms``, from the powers ``M..M^h``, ``h = ⌈terms/2⌉`` (``h − 1``
+        products): ``tr(M^k)`` for ``k ≤ h`` from their diagonals and
+        ``tr(M^(h+j)) = Σ_il (M^h)ᵀ_il (M^j)_il`` for the rest."""
+        A = self.matrix
+        if terms <= 0:
+            return A.new_zeros(0)
+        h = (terms + 1) // 2
+        powers = [A]
+        for _ in range(h - 1):
+            powers.append(powers[-1] @ A)
+        S = torch.stack(powers)
+        low = S.diagonal(dim1=-2, dim2=-1).sum(-1)
+        if terms == h:
+            return low
+        high = (S[: terms - h] * powers[-1].T).sum((-2, -1))
+        return torch.cat([low, high])
 
     def gram_diagonal(self) -> Tensor:
         return self.matrix.square().sum(-1)

@@ -81,13 +81,24 @@ class Diagonal(Structure):
     def diagonal(self) -> Tensor:
         return self.diag
 
-    def power_traces(self, terms: int) -> list[float]:
-        a, out, P = self.diag, [], self.diag
-        for k in range(terms):
-            out.append(P.sum())
-            if k + 1 < terms:
-                P = P * a
-        return torch.stack(out).tolist() if out else []
+    def add_identity(self, alpha: float) -> Diagonal:
+        return self._new({"diag": self.diag + alpha})
+
+    def retract(self, M: Structure, retraction: str = "quadratic") -> Diagonal:
+        """``k·h(m)`` entrywise: ``k(1 + m + ½m²)`` (quadratic) or ``k(1 + m)``."""
+        if retraction not in ("quadratic", "first_order") or type(M) is not Diagonal or \
+                self.diag.dtype not in (torch.float32, torch.float64):
+            return super().retract(M, retraction)
+        self._check_same(M, "M")
+        m = M.diag
+        h = 1 + m + 0.5 * m * m if retraction == "quadratic" else 1 + m
+        return self._new({"diag": self.diag * h})
+
+    def power_trace_tensor(self, terms: int) -> Tensor:
+        """``Σ_i m_i^k`` for ``k = 1..terms`` (running products, as the compose loop)."""
+        if terms <= 0:
+            return self.diag.new_zeros(0)
+        return self.diag.expand(terms, self.dim).cumprod(0).sum(-1)
 
     def gram_diagonal(self) -> Tensor:
         return self.diag.square()

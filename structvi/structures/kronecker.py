@@ -110,6 +110,10 @@ def _unfold(U: Tensor, dims: tuple[int, int], axis: int) -> Tensor:
 def _abs_row_sums(f: Structure) -> Tensor:
     """Row sums of ``|F|``: every structure stores the entries of its matrix on disjoint
     positions, so ``|F|`` is the same structure with ``|tensors|``."""
+    if f.name == "dense":
+        return f._t["matrix"].abs().sum(-1)
+    if f.name == "diagonal":
+        return f._t["diag"].abs()
     absf = f._new({k: t.abs() for k, t in f._t.items()})
     return absf.matmul(torch.ones(f.dim, dtype=f.dtype, device=f.device))
 
@@ -271,6 +275,14 @@ class Kronecker(Structure):
         f1, f2 = self.factors
         return self._pair(f1.coord_identity(), f2.zeros_like(), "sum")
 
+    def add_identity(self, alpha: float) -> Kronecker:
+        """``(M₁ + αI) ⊗ I + I ⊗ M₂`` for a sum (``Π̂(I) = I ⊗ I + I ⊗ 0``); a product raises
+        as :meth:`add` does."""
+        if self.kind != "sum":
+            return super().add_identity(alpha)
+        f1, f2 = self.factors
+        return self._pair(f1.add_identity(alpha), f2)
+
     def _fix_gauge(self, m1: Structure, m2: Structure) -> Kronecker:
         """The sum ``m1 ⊗ I + I ⊗ (m2 − tr̄(m2) I)``: the common scale kept in the first factor."""
         eye2 = m2.coord_identity()
@@ -358,12 +370,28 @@ class Kronecker(Structure):
     def _apply(self, x: Tensor, transpose: bool) -> Tensor:
         self._check_vec(x)
         f1, f2 = self.factors
+        if f1.name == "dense" and f2.name == "dense":
+            return self._apply_dense(x, f1._t["matrix"], f2._t["matrix"], transpose)
         X = x.reshape(*self.dims, -1)
         if self.kind == "product":  # K₁ X K₂ᵀ
             out = f2.apply_along(f1.apply_along(X, 0, transpose), 1, transpose)
         else:  # M₁ X + X M₂ᵀ
             out = f1.apply_along(X, 0, transpose) + f2.apply_along(X, 1, transpose)
         return out.reshape(x.shape)
+
+    def _apply_dense(self, x: Tensor, A1: Tensor, A2: Tensor, transpose: bool) -> Tensor:
+        """Two dense factors, ``x`` of shape ``(d,)`` or ``(d, n)``: the ``n`` columns as a
+        batch of ``d₁×d₂`` matrices, ``K₁ X K₂ᵀ`` (product) or ``M₁ X + X M₂ᵀ`` (sum) by two
+        (batched) products (a transposed ``x``, as ``εᵀ``, is read without a copy)."""
+        vector = x.dim() == 1
+        n = 1 if vector else x.shape[1]
+        Xt = x.reshape(*self.dims) if vector else x.T.reshape(n, *self.dims)
+        if transpose:  # Kᵀ: K₁ᵀ X K₂, M₁ᵀ X + X M₂
+            A1 = A1.T
+        else:
+            A2 = A2.T
+        out = A1 @ Xt @ A2 if self.kind == "product" else A1 @ Xt + Xt @ A2
+        return out.reshape(-1) if vector else out.reshape(n, self.dim).T
 
     def matmul(self, x: Tensor) -> Tensor:
         return self._apply(x, transpose=False)
@@ -429,6 +457,18 @@ class Kronecker(Structure):
         if V is not None:
             self._check_vec(V, "V")
         d1, d2 = self.dims
+        f1, f2 = self.factors
+        if f1.name == "dense" and f2.name == "dense" and U.dim() == 2:  # the same, batched
+            n = U.shape[1]
+            Ut = U.T.reshape(n, d1, d2)
+            Vt = Ut if V is None else V.T.reshape(n, d1, d2)
+            A1 = torch.tensordot(Ut, Vt, dims=([0, 2], [0, 2]))  # tr₂(U Vᵀ)
+            A2 = Ut.reshape(n * d1, d2).T @ Vt.reshape(n * d1, d2)  # tr₁(U Vᵀ)
+            P1 = (0.5 / d2) * (A1 + A1.T)
+            P2 = (0.5 / d1) * (A2 + A2.T)
+            P2.diagonal().sub_(P2.diagonal().sum() / d2)  # the gauge: tr M₂ = 0
+            return self._pair(f1._new({"matrix": P1.to(f1.dtype)}),
+                              f2._new({"matrix": P2.to(f2.dtype)}), "sum")
         parts = []
         for axis, (f, rest) in enumerate(zip(self.factors, (d2, d1))):
             Ua = _unfold(U, self.dims, axis)

@@ -105,3 +105,59 @@ def test_factor_property_equals_the_validated_rebuild_and_revalidates(gen):
     setattr(guide, attr, torch.nn.Parameter(torch.zeros(7, 7, dtype=F64)))
     with pytest.raises(ValueError, match="must have shape"):
         guide.factor  # noqa: B018 -- validated again
+
+
+def test_log_prob_skips_instance_validation_only_while_pyro_validation_is_off():
+    """A prior built with ``validate_args=True`` (as a ``PyroSample`` made at module
+    construction) is not checked inside a step (Pyro's validation off), and keeps its flag."""
+    import pyro.distributions as dist
+    import pyro.poutine as poutine
+
+    from structvi.pyro.log_joint import _trace_log_joint
+
+    prior = dist.Normal(torch.zeros(2, dtype=F64), 1.0, validate_args=True).to_event(1)
+
+    def model():
+        pyro.sample("x", prior)
+
+    bad = torch.tensor([float("nan"), 0.0], dtype=F64)  # outside Normal's support (NaN)
+    trace = poutine.trace(poutine.condition(model, data={"x": bad})).get_trace()
+    with pytest.raises(ValueError, match="support"):
+        _trace_log_joint(trace, {}, None, None)
+    with pyro.validation_enabled(False):
+        assert torch.isnan(_trace_log_joint(trace, {}, None, None))
+    assert prior._validate_args and prior.base_dist._validate_args
+    ok = torch.tensor([0.5, -1.0], dtype=F64)
+    trace = poutine.trace(poutine.condition(model, data={"x": ok})).get_trace()
+    with pyro.validation_enabled(False):
+        quiet = _trace_log_joint(trace, {}, None, None)
+    assert quiet == _trace_log_joint(trace, {}, None, None) == prior.log_prob(ok)
+
+
+def test_step_reads_the_guide_back_when_it_was_changed_between_steps():
+    """NaturalGradientSVI reuses its fitter's state while the guide's parameters are untouched,
+    and starts from the guide's values once they were changed in place (or replaced)."""
+    from structvi.pyro import NaturalGradientSVI
+
+    model, args = CASES["plated"]
+    pyro.clear_param_store()
+    guide = AutoStructuredNormal(model)
+    svi = NaturalGradientSVI(model, guide, num_samples=4, lr=0.1,
+                             generator=torch.Generator().manual_seed(0))
+    svi.step(*args)
+    seen = []
+    step = svi.fitter.step
+
+    def spy(*a, **k):
+        seen.append(svi.fitter.state.loc.clone())
+        return step(*a, **k)
+
+    svi.fitter.step = spy
+    before = svi.fitter.state.loc.clone()
+    svi.step(*args)
+    assert torch.equal(seen[-1], before)  # untouched guide: the fitter's own state
+    with torch.no_grad():
+        guide.loc.add_(1.0)
+    moved = guide.loc.detach().clone()
+    svi.step(*args)
+    assert torch.equal(seen[-1], moved)  # changed in place: read back
