@@ -190,6 +190,7 @@ def interleaved_step_times(example: Any, rounds: int = 7, steps: int = 50,
     from pyro.infer.autoguide import init_to_sample
 
     from structvi.engine import NGDConfig
+    from structvi.fit import StepRule
 
     X, y, _, _ = example.load_digits(0)
     pyro.clear_param_store()
@@ -199,7 +200,8 @@ def interleaved_step_times(example: Any, rounds: int = 7, steps: int = 50,
                                                         "fc2.weight": "kronecker"},
                                  init_loc_fn=init_to_sample, init_scale=0.05)
     ours = NaturalGradientSVI(ours_model, guide, estimator="stein", num_samples=8,
-                              config=NGDConfig(lr=0.05), generator=torch.Generator().manual_seed(0))
+                              config=NGDConfig(lr=0.05), generator=torch.Generator().manual_seed(0),
+                              step_rule=StepRule(accept="deferred"))  # as the example
     normal = AutoNormal(theirs_model, init_loc_fn=init_to_sample, init_scale=0.05)
     theirs = SVI(theirs_model, normal, pyro.optim.Adam({"lr": 0.01}), Trace_ELBO())
     methods = {"structvi": lambda: ours.step(X, y, 256), "pyro": lambda: theirs.step(X, y, 256)}

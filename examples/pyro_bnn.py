@@ -46,6 +46,7 @@ from pyro.nn import PyroModule, PyroSample
 from torch import Tensor, nn
 
 from structvi.engine import NGDConfig
+from structvi.fit import StepRule
 from structvi.pyro import AutoStructuredNormal, NaturalGradientSVI
 
 
@@ -175,9 +176,12 @@ def train_structvi(model, X, y, *, steps, batch_size, num_samples, seed
                                                    "fc2.weight": "kronecker"},
                                  init_loc_fn=init_to_sample, init_scale=0.05)
     warm = max(1, steps // 10)
+    # Minibatch training: judge each step at the next step's estimate (one model run per step)
+    # instead of the default common-random-number test (two): structvi._fit_deferred.
     svi = NaturalGradientSVI(model, guide, estimator="stein", num_samples=num_samples,
                              config=lambda t: NGDConfig(lr=0.2 if t < warm else 0.05),
-                             generator=torch.Generator().manual_seed(seed))
+                             generator=torch.Generator().manual_seed(seed),
+                             step_rule=StepRule(accept="deferred"))
     start = _clocks()
     for _ in range(steps):
         svi.step(X, y, batch_size)

@@ -57,13 +57,17 @@ class StepRule:
     Args:
         tolerance: nats a step may lose beyond the Monte-Carlo noise allowance (> 0).
         max_backtracks: halvings of the step scale before a step fails (>= 0).
-        accept: ``False`` turns the rule off (every finite proposal is taken; use it only with a
-            ``log_joint`` that subsamples data per call, where two calls are not comparable).
+        accept: ``True``: the common-random-number test (module doc; two ``log_joint`` calls
+            per step, which must see the same data). ``"deferred"``: each step is judged at the
+            next step's estimate and undone if that shows a clear loss
+            (:mod:`structvi._fit_deferred`; one call per step, minibatch-safe, blind to small
+            losses; ``max_backtracks`` bounds the halvings of the step scale). ``False``: no
+            test (every finite proposal is taken).
     """
 
     tolerance: float = 1.0
     max_backtracks: int = 6
-    accept: bool = True
+    accept: bool | str = True
 
     def __post_init__(self) -> None:
         t = self.tolerance
@@ -72,6 +76,10 @@ class StepRule:
         b = self.max_backtracks
         if isinstance(b, bool) or not isinstance(b, int) or b < 0:
             raise ValueError(f"max_backtracks must be an integer >= 0, got max_backtracks={b!r}")
+        if self.accept not in (True, False, "deferred") or isinstance(self.accept, (int, float)) \
+                and not isinstance(self.accept, bool):
+            raise ValueError(f"accept must be True, False or 'deferred', got "
+                             f"accept={self.accept!r}")
 
     def allowance(self, diffs: Tensor, values: Tensor) -> float:
         """How many nats the CRN estimate may drop before the proposal is rejected."""
@@ -299,7 +307,7 @@ def propose(
         logdet = logdet_retraction(retraction_coordinates(new, c), c.retraction)
         if logdet is None:  # outside the series' radius: exact fallback (monitoring-grade)
             logdet = float(new.factor.logabsdet().double() - old.factor.logabsdet().double())
-        if not rule.accept:
+        if rule.accept is not True:  # False, or "deferred" (judged at the next step)
             return Proposal(new, logdet, math.nan, s, k + 1, True)
         Z = new.loc + new.factor.matmul(eps.T.to(new.factor.dtype)).T.to(new.loc.dtype)
         mean, allowance = rule.gain_and_allowance(evaluate(Z) - values, values)

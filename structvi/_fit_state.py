@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from structvi._fit_curvature import MeanCurvature
+from structvi._fit_deferred import DeferredCheck
 from structvi._fit_history import History
 from structvi.engine import NGDConfig, NGDState
 
@@ -52,7 +53,14 @@ def check_state_dict(fitter: Fitter, sd: Any) -> dict[str, Any]:
     if logdet is not None and not (isinstance(logdet, (int, float)) and math.isfinite(logdet)):
         raise ValueError(f"state_dict log_abs_det must be a finite number, got {logdet!r}")
     curvature = MeanCurvature.check_state(sd.get("mean_curvature"), state.loc.shape[0])
-    return {"state": state, "generator": gen, "record": record, "iteration": iteration,
+    deferred = DeferredCheck.check_state(sd.get("deferred"), state.loc.shape[0])
+    ref = None if deferred is None else deferred["reference"]
+    if ref is not None and (ref.state.loc.dtype != state.loc.dtype
+                            or ref.state.factor.dtype != state.factor.dtype
+                            or ref.state.factor.spec() != state.factor.spec()):
+        raise ValueError("state_dict deferred reference has another structure or dtype than "
+                         "state_dict['engine']")
+    return {"deferred": deferred, "state": state, "generator": gen, "record": record, "iteration": iteration,
             "elapsed": float(elapsed), "step_scale": float(scale),
             "log_abs_det": None if logdet is None else float(logdet),
             "mean_curvature": curvature}
@@ -112,6 +120,9 @@ def _int(sd: dict[str, Any], key: str) -> int:
 
 
 def failure_text(reason: str, est: Any) -> str:
+    if reason == "undone":
+        return ("the last step lowered the ELBO estimate beyond the deferred rule's allowance "
+                "(or made every sample non-finite) and was undone")
     if reason == "rejected":
         return ("every backtracked proposal lowered the ELBO estimate beyond the step rule's "
                 "allowance")
@@ -187,6 +198,7 @@ def fitter_state_dict(fitter: Fitter) -> dict[str, Any]:
         "num_samples": fitter.num_samples,
         "temperature": fitter.temperature,
         "mean_curvature": fitter.curvature.state_dict(),
+        "deferred": fitter.deferred.state_dict(),
     }
 
 
@@ -202,3 +214,5 @@ def apply_state_dict(fitter: Fitter, parsed: dict[str, Any]) -> None:
     fitter._logdet = 0.0 if parsed["log_abs_det"] is None else parsed["log_abs_det"]
     fitter._sync_logdet()
     fitter.curvature.load(parsed["mean_curvature"])
+    fitter.deferred.load(parsed["deferred"])
+    fitter._deferred_state = fitter.state

@@ -10,9 +10,10 @@ the ELBO for ``τ = 1``, with ``log_joint(Z)`` returning ``log p(z_s, D)`` for e
 (shape ``(n, d) → (n,)``).
 
 **Minibatches.** To fit on a minibatch ``B`` of ``N`` data points, make ``log_joint`` return the
-unbiased full-data estimate ``(N/|B|) Σ_{i∈B} log p(y_i | z) + log p(z)``. The step rule compares
-two calls of ``log_joint`` within a step: draw the minibatch once per step, or pass
-``step_rule=StepRule(accept=False)``.
+unbiased full-data estimate ``(N/|B|) Σ_{i∈B} log p(y_i | z) + log p(z)``. The default step rule
+compares two calls of ``log_joint`` within a step: draw the minibatch once per step, or pass
+``step_rule=StepRule(accept="deferred")``, which judges each step at the next step's estimate
+(one call per step, new minibatches allowed; :mod:`structvi._fit_deferred`).
 
 **Step rule, faults, precision** (exactly: docs/vi_step_rules.md and :mod:`structvi._fit_rules`).
 A step is accepted when a common-random-number estimate of its ELBO change is not clearly
@@ -51,6 +52,7 @@ from torch import Tensor
 
 from structvi import distributed, engine
 from structvi._fit_curvature import MeanCurvature
+from structvi._fit_deferred import DeferredCheck, Reference, summarize
 from structvi._fit_history import History
 from structvi._fit_rules import StepRule, propose
 from structvi._fit_types import STOP_REASONS, FitResult, FitStopped, StepRecord
@@ -193,6 +195,8 @@ class Fitter:
         self._logdet = 0.0
         self._sync_logdet()
         self.curvature = MeanCurvature()
+        self.deferred = DeferredCheck()  # StepRule(accept="deferred"): the step being judged
+        self._deferred_state: NGDState | None = None  # the state the last step wrote
 
     # ------------------------------------------------------------------ views
     @property
@@ -273,6 +277,14 @@ class Fitter:
                           num_samples=self.num_samples, generator=self.generator,
                           temperature=self.temperature, point_dtype=self.point_dtype)
         self.record.num_dropped += est.num_dropped
+        deferred = self.step_rule.accept == "deferred"
+        if deferred:  # judge the last step by this estimate (structvi._fit_deferred)
+            if self.state is not self._deferred_state:  # set from outside: nothing to judge
+                self.deferred.clear()
+            judged = summarize(None if est.stats is None else est.log_joint, self.entropy(),
+                               self.temperature)
+            if not self.deferred.judge(judged[0], judged[1], self.step_rule.tolerance):
+                return self._undo(t0, est)
         if est.stats is None:
             return self._fail(t0, est, "non_finite", 1)
         cfg = _mean_line_search(old, est, self.config_at(old.step))
@@ -287,11 +299,15 @@ class Fitter:
             return self._fail(t0, est, "non_finite" if prop.state is None else "rejected",
                               prop.tries, prop.scale)
         value = math.nan
-        if monitor:
+        if deferred:
+            value = judged[0]
+            self.deferred.arm(Reference(before, self.log_abs_det, *judged, prop.scale))
+        elif monitor:
             value = float(est.log_joint.double().mean())
             if self.temperature:
                 value += self.temperature * self.entropy()
         self._accept(prop)
+        self._deferred_state = self.state
         seconds = time.perf_counter() - t0
         self.elapsed += seconds
         if monitor:
@@ -320,7 +336,10 @@ class Fitter:
         self.record.consecutive_failures = 0
         if prop.tries > 1:
             self.record.num_backtracked += 1
-        self.step_scale = min(1.0, prop.scale * 2.0) if prop.tries == 1 else prop.scale
+        if self.step_rule.accept == "deferred":  # regrown only by steps that stood
+            self.step_scale = min(1.0, prop.scale * 2.0) if self.deferred.regrow() else prop.scale
+        else:
+            self.step_scale = min(1.0, prop.scale * 2.0) if prop.tries == 1 else prop.scale
 
     def _mean_hvp(self, loc: Tensor) -> Callable[[Tensor], Tensor]:
         """``v ↦ ∇²(−log_joint)(μ) v`` for the CG mean step (:class:`MeanCurvature`: formed
@@ -354,23 +373,36 @@ class Fitter:
         self._logdet = float(K.to(torch.float64).logabsdet())
         self._logdet_factor = K
 
+    def _undo(self, t0: float, est: Estimate) -> StepRecord:
+        """Deferred rule: restore the state the judged step started from, halve its scale."""
+        ref = self.deferred.undo()
+        self.state = self._deferred_state = ref.state
+        self._logdet, self._logdet_factor = ref.log_abs_det, ref.state.factor
+        self.step_scale = max(0.5 * ref.scale, 0.5**self.step_rule.max_backtracks)
+        self.record.num_backtracked += 1
+        return self._fail(t0, est, "non_finite" if est.stats is None else "undone", 1,
+                          self.step_scale, restored=True)
+
     def _fail(self, t0: float, est: Estimate, reason: str, tries: int,
-              scale: float = 1.0) -> StepRecord:
+              scale: float = 1.0, restored: bool = False) -> StepRecord:
         self.record.num_failed += 1
         self.record.consecutive_failures += 1
         detail = _failure_text(reason, est)
-        if not self._warned:
+        # a single undone step is routine for the deferred rule (minibatch noise before its
+        # noise scale is known): warn from the second in a row
+        if not self._warned and (reason != "undone" or self.record.consecutive_failures > 1):
             self._warned = True
             warnings.warn(
-                f"step failed at iteration {self.iteration}: {detail}; state unchanged (further "
-                f"failures are counted in Fitter.num_skipped without warning; "
+                f"step failed at iteration {self.iteration}: {detail}; "
+                f"{'state restored to before the last step' if restored else 'state unchanged'} "
+                f"(further failures are counted in Fitter.num_skipped without warning; "
                 f"{self.max_consecutive_skips} in a row stop the fit)",
-                RuntimeWarning, stacklevel=3,
+                RuntimeWarning, stacklevel=4 if restored else 3,
             )
         seconds = time.perf_counter() - t0
         self.elapsed += seconds
         if self.record.consecutive_failures >= self.max_consecutive_skips:
-            raise FitStopped(reason, f"{self.record.consecutive_failures} failed steps in a row "
+            raise FitStopped("rejected" if reason == "undone" else reason, f"{self.record.consecutive_failures} failed steps in a row "
                                      f"(last: {detail}); q is the last accepted one")
         return StepRecord(self.iteration, math.nan, True, seconds, est.num_dropped, tries, scale)
 

@@ -76,6 +76,7 @@ def train(kind: str, model, X: Tensor, y: Tensor, steps: int, show: bool) -> tup
     from pyro.infer.autoguide import AutoNormal, init_to_sample
 
     from structvi.engine import NGDConfig
+    from structvi.fit import StepRule
     from structvi.pyro import AutoStructuredNormal, NaturalGradientSVI
 
     pyro.clear_param_store()
@@ -87,7 +88,8 @@ def train(kind: str, model, X: Tensor, y: Tensor, steps: int, show: bool) -> tup
         warm = max(1, steps // 10)
         svi = NaturalGradientSVI(model, guide, estimator="stein", num_samples=8,
                                  config=lambda t: NGDConfig(lr=0.2 if t < warm else 0.05),
-                                 generator=torch.Generator().manual_seed(0))
+                                 generator=torch.Generator().manual_seed(0),
+                                 step_rule=StepRule(accept="deferred"))  # one model run a step
         desc = "structvi Kronecker NGD"
     else:
         guide = AutoNormal(model, init_loc_fn=init_to_sample, init_scale=0.05)

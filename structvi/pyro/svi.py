@@ -12,8 +12,10 @@ sample — detected at set-up; ``poutine.condition``; ``trace.log_prob_sum()`` a
 so a subsampled plate gives the unbiased full-data estimate), estimates ``E_q[∇f]`` and
 ``Π̂(Kᵀ Ē K)`` with :mod:`structvi.estimators` and takes one :func:`structvi.engine.step`
 (through :class:`structvi.fit.Fitter`, which also skips non-finite steps). All samples of a step
-share one minibatch: the plates' subsample indices are drawn once per step and replayed.
-Ordinary ``pyro.param`` sites of the model, and the other parts of an ``AutoGuideList``, are
+share one minibatch: the plates' subsample indices are drawn once per step and replayed. A step
+is judged by the common-random-number test of :mod:`structvi._fit_rules`, or with
+``step_rule=StepRule(accept="deferred")`` at the next step's estimate (no second model run;
+:mod:`structvi._fit_deferred`). Ordinary ``pyro.param`` sites of the model, and the other parts of an ``AutoGuideList``, are
 trained in the same step by ``optim`` (a Pyro optimizer) on the Monte-Carlo estimate of
 ``−E_q[log p] + log q_parts``. Pyro conventions (argument names, sample counts, guide lists):
 :mod:`structvi.pyro._conventions`.
@@ -37,7 +39,7 @@ from tqdm.auto import tqdm
 
 from structvi.engine import NGDConfig
 from structvi.estimators import DEFAULT_NUM_SAMPLES, check_estimator
-from structvi.fit import Fitter, default_config
+from structvi.fit import Fitter, StepRule, default_config
 from structvi.pyro._conventions import check_config_options, split_guide, warn_sample_count
 from structvi.pyro.guides import AutoStructuredNormal
 from structvi.pyro.log_joint import (_condition_and_trace, choose_vectorization,
@@ -137,6 +139,11 @@ class NaturalGradientSVI:
         process_group: data-parallel VI (:mod:`structvi.distributed`): each rank's model sees its
             shard (e.g. ``pyro.plate(..., subsample=shard)``); ``None`` uses an initialized default
             group of more than one rank, ``False`` none (passed to the :class:`Fitter`).
+        step_rule: the acceptance rule (:class:`~structvi.fit.StepRule`; ``None``: the
+            common-random-number test, two model runs per step on the step's minibatch).
+            ``StepRule(accept="deferred")`` judges each step at the next step's estimate (one
+            model run per step; weaker, see :mod:`structvi._fit_deferred`): the setting for
+            minibatch training of networks, as in ``examples/pyro_bnn.py``.
         **config_options: further :class:`~structvi.engine.NGDConfig` fields (``lr_mean``,
             ``trust_region``, ``retraction``, ``temperature``, ...).
 
@@ -167,6 +174,7 @@ class NaturalGradientSVI:
         max_plate_nesting: int | None = None,
         generator: torch.Generator | None = None,
         process_group: Any = None,
+        step_rule: StepRule | None = None,
         **config_options: Any,
     ) -> None:
         check_config_options(config_options)
@@ -197,6 +205,10 @@ class NaturalGradientSVI:
         self.generator = generator
         self._fitter: Fitter | None = None
         self.process_group = process_group
+        if step_rule is not None and not isinstance(step_rule, StepRule):
+            raise TypeError(f"step_rule must be a structvi.fit.StepRule or None, got "
+                            f"step_rule={step_rule!r}")
+        self._step_rule = step_rule
         self._pending: dict[str, Any] | None = None
         # the guide's parameters (and versions) right after the last step wrote the fitter's
         # state into them: unchanged at the next step, the fitter's state is reused as it is
@@ -235,7 +247,7 @@ class NaturalGradientSVI:
             _log_joint_set_per_step, q, self.config, estimator=self.estimator,
             num_samples=self.num_samples, generator=self.generator,
             temperature=self._temperature(),
-            process_group=self.process_group,
+            process_group=self.process_group, step_rule=self._step_rule,
         )
         if self._fitter.data_parallel is not None:  # every rank starts from rank 0's guide
             self.guide.set_state(self._fitter.state.loc, self._fitter.state.factor)
