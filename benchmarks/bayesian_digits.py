@@ -67,23 +67,49 @@ def _adamw(model: nn.Module, cfg: dict, n: int) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), **cfg)
 
 
-# Each Bayesian method gets a grid of 6 configurations, chosen on other seeds (100-102,
-# ``--first-seed 100``) by validation NLL: IVON over lr × (temperature ``N/ess``, hess_init);
-# VariationalNGD (both structures) over lr × temperature with δ = 3 and the extra factor
-# damping γ = 1e-2 (StructuredNGD's damping). Without γ the factor damping is the prior's
-# λ = τδ/N ~ 1e-4: the natural-gradient step is almost unbounded in flat directions, and
-# lr = 1e-2 diverges on some seeds (see docs/variational.md).
-_IVON_GRID = [dict(lr=lr, temperature=t, hess_init=h) for lr in (0.5, 1.2, 2.0)
-              for t, h in ((1.0, 1.0), (0.3, 0.3))]
-_VNGD_GRID = [dict(lr=lr, prior_precision=3.0, temperature=t, extra_damping=1e-2)
-              for lr in (5e-3, 1e-2) for t in (0.03, 0.1, 0.3)]
+# Each Bayesian method gets a grid of 6 configurations, chosen on other seeds (100-102) by the
+# same rule for every method (``--select-grid``, record in ``results/bayesian_digits_grid.json``):
+# of 13 candidates (``CANDIDATES``), the 6 with the best validation NLL averaged over the two
+# models and the 3 seeds. IVON's candidates: lr × (temperature ``N/ess``, hess_init) around its
+# best lr. VariationalNGD's: lr × temperature τ with δ = 3 and the extra factor damping
+# γ = 1e-2 (StructuredNGD's damping), plus δ = 10, γ = 3e-2 and lr = 2e-2 variants. Without γ
+# the factor damping is the prior's λ = τδ/N ~ 1e-4: the natural-gradient step is almost
+# unbounded in flat directions, and lr = 1e-2 diverges on some seeds (see docs/variational.md).
+def _v(lr: float = 1e-2, temperature: float = 0.1, prior_precision: float = 3.0,
+       extra_damping: float = 1e-2) -> dict:
+    return dict(lr=lr, prior_precision=prior_precision, temperature=temperature,
+                extra_damping=extra_damping)
+
+
+def _i(lr: float, temperature: float, hess_init: float) -> dict:
+    return dict(lr=lr, temperature=temperature, hess_init=hess_init)
+
+
+_VNGD_CANDIDATES = [_v(lr, t) for lr in (5e-3, 1e-2) for t in (0.03, 0.1, 0.3)] + [
+    _v(temperature=0.05), _v(temperature=0.2), _v(extra_damping=3e-2),
+    _v(temperature=0.3, extra_damping=3e-2), _v(prior_precision=10.0),
+    _v(temperature=0.3, prior_precision=10.0), _v(lr=2e-2)]
+CANDIDATES = {
+    "IVON": [_i(lr, t, t) for lr in (0.5, 1.2, 2.0) for t in (1.0, 0.3)] + [
+        _i(0.8, 1.0, 1.0), _i(0.8, 0.3, 0.3), _i(1.6, 1.0, 1.0), _i(1.6, 0.3, 0.3),
+        _i(1.2, 1.0, 0.3), _i(1.2, 0.5, 0.5), _i(1.2, 0.1, 0.1)],
+    "VariationalNGD-dense": _VNGD_CANDIDATES,
+    "VariationalNGD-diagonal": _VNGD_CANDIDATES,
+}
+# the 6 best candidates of each method on seeds 100-102 (``--select-grid``), best first
+_IVON_GRID = [_i(1.6, 0.3, 0.3), _i(1.2, 1.0, 1.0), _i(2.0, 0.3, 0.3), _i(1.2, 0.5, 0.5),
+              _i(1.2, 0.3, 0.3), _i(1.6, 1.0, 1.0)]
+_VNGD_DENSE_GRID = [_v(temperature=0.03), _v(lr=2e-2), _v(prior_precision=10.0), _v(),
+                    _v(temperature=0.05), _v(temperature=0.2)]
+_VNGD_DIAGONAL_GRID = [_v(), _v(temperature=0.05), _v(prior_precision=10.0),
+                       _v(temperature=0.2), _v(temperature=0.03), _v(extra_damping=3e-2)]
 # name → (factory(model, config, data_size), configurations tried, Bayesian prediction)
 METHODS: dict[str, tuple[Callable, list[dict], bool]] = {
     "AdamW": (_adamw, [dict(lr=3e-3), dict(lr=1e-2)], False),
     "StructuredNGD-dense": (_ngd, [dict(lr=3e-3), dict(lr=1e-2)], False),
     "IVON": (_ivon, _IVON_GRID, True),
-    "VariationalNGD-dense": (_vngd("dense"), _VNGD_GRID, True),
-    "VariationalNGD-diagonal": (_vngd("diagonal"), _VNGD_GRID, True),
+    "VariationalNGD-dense": (_vngd("dense"), _VNGD_DENSE_GRID, True),
+    "VariationalNGD-diagonal": (_vngd("diagonal"), _VNGD_DIAGONAL_GRID, True),
 }
 
 
@@ -211,10 +237,41 @@ def table(methods: list[str], epochs: int, grid: int | None, seeds: list[int], s
     return results
 
 
+GRID_SIZE = 6
+
+
+def select_grids(methods: list[str], seeds: list[int], epochs: int = 30) -> dict:
+    """Every candidate of ``CANDIDATES`` on both models and ``seeds`` (float32); the grid of a
+    method is its ``GRID_SIZE`` candidates with the best validation NLL averaged over the
+    models and seeds (the same rule for every method)."""
+    data = digits_split()
+    record: dict = dict(seeds=seeds, epochs=epochs, methods={})
+    for method in methods:
+        rows = []
+        for cfg in CANDIDATES[method]:
+            val = {m: [run(m, method, cfg, data, epochs, s, False)["val_nll"] for s in seeds]
+                   for m in MODELS}
+            rows.append(dict(config=cfg, val_nll={m: statistics.fmean(v) for m, v in
+                                                  val.items()}, per_seed=val))
+            print(f"{method:24s} {_cfg(cfg):40s} " + " ".join(
+                f"{m[:3]} {v:.4f}" for m, v in rows[-1]["val_nll"].items()), flush=True)
+        record["methods"][method] = dict(candidates=rows, grid=top_grid(rows))
+    return record
+
+
+def top_grid(rows: list[dict]) -> list[dict]:
+    """The ``GRID_SIZE`` configurations of ``rows`` with the lowest validation NLL averaged
+    over the models, best first."""
+    return [r["config"] for r in sorted(rows, key=lambda r: statistics.fmean(
+        r["val_nll"].values()))[:GRID_SIZE]]
+
+
 def markdown(results: dict, seeds: list[int]) -> str:
     lines = [f"Mean ± std over {len(seeds)} seed(s); test split; Bayesian methods average "
              f"{SAMPLES} draws; config: the best mean validation NLL of the method's grid "
-             f"(float32; bf16 reuses it). `conf − acc`: mean top-class probability minus "
+             f"(float32; bf16 reuses it; grids of {GRID_SIZE} per Bayesian method: the best "
+             f"validation NLL on seeds 100-102 among 13 candidates, see "
+             f"bayesian_digits_grid.json). `conf − acc`: mean top-class probability minus "
              "accuracy (< 0: underconfident). `step / IVON`: per-step time over IVON's, "
              "interleaved, same precision.", ""]
     for precision, title in (("fp32", "float32"), ("bf16", "bf16 parameters")):
@@ -304,6 +361,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--first-seed", type=int, default=0,
                         help="seeds first..first+2 (the grids were chosen with 100)")
+    parser.add_argument("--select-grid", action="store_true",
+                        help="run every CANDIDATES configuration of the Bayesian methods on "
+                             "seeds first..first+2 (use --first-seed 100) and write the "
+                             "selection to results/bayesian_digits_grid.json")
     parser.add_argument("--plot-only", action="store_true",
                         help="redraw the PNG from an existing JSON (no training)")
     args = parser.parse_args(argv)
@@ -314,6 +375,12 @@ def main(argv: list[str] | None = None) -> dict:
     seeds = list(range(args.first_seed, args.first_seed + n_seeds))
     default = "benchmarks/results/" + ("quick/" if args.quick else "") + "bayesian_digits.json"
     out = Path(args.out or default)
+    if args.select_grid:
+        record = select_grids([m for m in args.methods if m in CANDIDATES], seeds, epochs)
+        path = out.with_name(out.stem + "_grid.json")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=1))
+        return record
     if args.plot_only:
         result = json.loads(out.read_text())
         plot(result["results"], out.with_suffix(".png"))

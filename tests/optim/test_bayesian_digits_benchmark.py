@@ -43,3 +43,25 @@ def test_quick_run_writes_results_with_confidence_gap(tmp_path):
             assert 0.0 < e["acc"] <= 1.0 and 0.0 <= e["ece"] <= 1.0
             assert -1.0 < e["conf_minus_acc"] < 1.0
     assert json.loads(out.read_text())["goals"]
+
+
+def test_grids_are_the_recorded_selection_on_other_seeds():
+    """Each Bayesian method's grid: its 6 candidates with the best validation NLL (averaged
+    over both models) on seeds 100-102, by the same rule for every method."""
+    from pathlib import Path
+
+    record = json.loads((Path(bd.__file__).parent / "results" / "bayesian_digits_grid.json")
+                        .read_text())
+    assert record["seeds"] == [100, 101, 102]
+    sizes = {len(configs) for configs in bd.CANDIDATES.values()}
+    assert len(sizes) == 1 and sizes.pop() > bd.GRID_SIZE
+    for method, entry in record["methods"].items():
+        assert [r["config"] for r in entry["candidates"]] == bd.CANDIDATES[method]
+        assert bd.top_grid(entry["candidates"]) == entry["grid"] == bd.METHODS[method][1]
+
+
+def test_top_grid_ranks_by_nll_averaged_over_models():
+    rows = [dict(config=dict(k=k), val_nll=dict(a=a, b=b))
+            for k, a, b in [(0, 0.1, 0.5), (1, 0.2, 0.2), (2, 0.05, 0.3), (3, 0.9, 0.0),
+                            (4, 0.3, 0.3), (5, 0.1, 0.1), (6, 0.01, 0.01)]]
+    assert [c["k"] for c in bd.top_grid(rows)] == [6, 5, 2, 1, 0, 4]
