@@ -300,8 +300,8 @@ class Fitter:
                               prop.tries, prop.scale)
         value = math.nan
         if deferred:
-            value = judged[0]
-            self.deferred.arm(Reference(before, self.log_abs_det, *judged, prop.scale))
+            value = judged[3]
+            self.deferred.arm(Reference(before, self.log_abs_det, *judged[:3], prop.scale))
         elif monitor:
             value = float(est.log_joint.double().mean())
             if self.temperature:
