@@ -47,7 +47,7 @@ class Lifecycle:
         self._factor_cache: dict[Tensor, F.FactorState] = {}
         # weight → (cached factors, their (state key, tensor) pairs): the cache's validity check
         self._factor_keys: dict[Tensor, tuple[F.FactorState, tuple]] = {}
-        self._matrix_shapes: dict[Tensor, tuple[int, int]] = {}  # weight → (d_C, d_K)
+        self._matrix_shapes: dict[Tensor, tuple] = {}  # weight → ((d_C, d_K), buffer, view)
         # weight → (factors, K Kᵀ, C Cᵀ) as SparseGram (not state: rebuilt from the factors)
         self._gram_cache: dict[Tensor, tuple[F.FactorState, Any, Any]] = {}
         # one scratch buffer per (dtype, device), the size of the largest gradient matrix: the

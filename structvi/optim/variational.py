@@ -276,8 +276,8 @@ class VariationalNGD(Sampling, StructuredNGD):
         self._last_noise.clear()
         self._amp_pending = amp
         try:
-            with self._masters_in_place():
-                super().step()
+            with self._masters_in_place(), torch.no_grad():
+                self._update()
         finally:
             self.__dict__.pop("_amp_pending", None)
         return loss
