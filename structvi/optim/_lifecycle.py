@@ -129,11 +129,13 @@ class Lifecycle:
         if layer.weight in self.state:
             self._sync_collecting(layer)
 
-    def _sync_collecting(self, layer: kfac.Layer) -> None:
-        """Whether the layer's hooks record statistics before its next step (``t mod T = 0``)."""
+    def _sync_collecting(self, layer: kfac.Layer, step: int | None = None) -> None:
+        """Whether the layer's hooks record statistics before its next step (``t mod T = 0``;
+        ``step``: the layer's step count when the caller knows it)."""
         group = self.param_groups[self._group_index[layer.weight]]
         T = group["T"]
-        step = int(self.state[layer.weight]["step"])
+        if step is None:
+            step = int(self.state[layer.weight]["step"])
         self._collecting[layer.module] = isinstance(T, int) and T >= 1 and step % T == 0
 
     def _tap_backward(self, layer: kfac.Layer, x: Tensor, grad: Tensor) -> None:

@@ -512,7 +512,7 @@ class StructuredNGD(Lifecycle, Optimizer):
                             weight_decay=group["weight_decay"])
         set_counters(state, step + 1, scale)
         robust.write_running(state, verdict)
-        self._sync_collecting(layer)
+        self._sync_collecting(layer, step + 1)
 
     def _normalize(self, layer: kfac.Layer, group: dict[str, Any], factors: F.FactorState,
                    direction: Tensor, step: int) -> Tensor:
