@@ -9,7 +9,14 @@ VariationalNGD with dense and diagonal factors (the configurations of the bayesi
 keeps its fastest round; the clock is the process's CPU time (``--clock wall``: elapsed time).
 Reported: milliseconds per step (fastest round) and the ratio to IVON's at the same model and
 precision, as fastest over fastest and as the median over rounds of the ratio within a round
-(issue 14's goal: VariationalNGD ≤ 1.5× IVON).
+(issue 14's goal: VariationalNGD ≤ 1.5× IVON). Next to VariationalNGD-dense: its compute
+floors (the dense products of every step, and those plus one factor update per ``T`` steps).
+
+An option is timed next to the reported configurations: VariationalNGD-dense with ``T = 20``
+and ``lr_cov = 0.1`` (half as many factor updates, the same factor movement per step); the full
+run also trains it and the reported ``T = 10`` on the digits MLP (3 seeds, float32, as
+``benchmarks.bayesian_digits`` does) and reports test accuracy, NLL and ECE (``--no-quality``:
+timing only).
 
 Run: ``python -m benchmarks.vngd_step [--quick]`` → ``benchmarks/results/vngd_step.{json,md}``
 (``--quick``: ``benchmarks/results/quick/``).

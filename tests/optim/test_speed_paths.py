@@ -36,8 +36,14 @@ def _general(state, H_K, H_C, *, lr, alpha, damping, unscale, kfac_like, relativ
 
 @pytest.mark.parametrize("kfac_like,relative,trust",
                          list(itertools.product([False, True], [False, True], [None, 1.0])))
-def test_dense_update_matches_structure_path(kfac_like, relative, trust):
+def test_dense_update_matches_structure_path(kfac_like, relative, trust, monkeypatch):
     """update_preconditioner's dense path = _directions + engine factor_step (bit for bit)."""
+    from structvi.optim import _dense_update
+
+    calls = []
+    real = _dense_update.dense_update
+    monkeypatch.setattr(_dense_update, "dense_update", lambda *a, **k: calls.append(1) or real(
+        *a, **k))
     K, C = _dense(5, 0.1, 0), _dense(3, 0.1, 1)
     m_K, m_C = (None, None) if kfac_like else (_dense(5, 0.2, 2), _dense(3, 0.2, 3))
     state = F.FactorState(K, C, m_K, m_C)
@@ -46,6 +52,7 @@ def test_dense_update_matches_structure_path(kfac_like, relative, trust):
     kw = dict(damping=1e-2, unscale=0.7, kfac_like=kfac_like)
     new = F.update_preconditioner(state, H_K, H_C, lr_cov=3.0, alpha1=0.5, retraction="quadratic",
                                   trust_region=trust, relative_damping=relative, **kw)
+    assert calls == [1]  # the dense path was taken
     ref = _general(state, H_K, H_C, lr=3.0, alpha=alpha, relative=relative, trust=trust, **kw)
     for got, want in zip(new, ref):
         if want is None:
