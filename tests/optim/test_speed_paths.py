@@ -1,4 +1,6 @@
-"""The fast paths of the optimizer give the results of the general (structure-API) paths."""
+"""The fast paths of the optimizer give the results of the general paths: the dense factor
+update (bit for bit the structure-API update) and the group checks skipped for unchanged
+groups (a changed value is still validated)."""
 
 from __future__ import annotations
 
@@ -6,7 +8,9 @@ import itertools
 
 import pytest
 import torch
+from torch import nn
 
+from structvi.optim import StructuredNGD
 from structvi.optim import functional as F
 from structvi.structures.registry import make_structure
 
@@ -60,3 +64,29 @@ def test_dense_update_matches_structure_path(kfac_like, relative, trust, monkeyp
         else:
             assert got.spec() == want.spec()
             assert torch.equal(got.to_dense(), want.to_dense())
+
+
+def test_group_values_changed_after_a_checked_step_are_checked_again():
+    """Group checks are skipped only while every value is the object last validated: a value
+    set after earlier steps (or a list edited in place) is still validated by step()."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    opt = StructuredNGD(net)
+    x = torch.randn(8, 3)
+
+    def step() -> None:
+        opt.zero_grad()
+        net(x).square().mean().backward()
+        opt.step()
+
+    step()
+    step()  # the groups are unchanged: not validated again
+    opt.param_groups[0]["T"] = 0
+    with pytest.raises(ValueError, match=r"T must be an integer >= 1, got T=0"):
+        step()
+    opt.param_groups[0]["T"] = 1
+    opt.param_groups[0]["preconditioner_dtype"] = [None, None]  # a list: never cached
+    step()
+    opt.param_groups[0]["preconditioner_dtype"][0] = "float32"
+    with pytest.raises(ValueError, match=r"preconditioner_dtype must be a pair"):
+        step()
