@@ -30,6 +30,10 @@ def _after_load(optimizer: Any) -> None:
 class Lifecycle:
     """Mixin of :class:`~structvi.optim.StructuredNGD` (hooks, tables, copies)."""
 
+    # whether the layers' parameters get a gradient hook that records ‖∇p‖² after backward
+    # (:meth:`_grad_hook`); a subclass whose screening does not use it turns it off
+    _records_backward_norms = True
+
     def _attach(self, model: nn.Module) -> None:
         """Everything that is not state: layer tables, caches and the hooks on ``model``."""
         before = set(vars(self))
@@ -43,7 +47,7 @@ class Lifecycle:
         self._factor_cache: dict[Tensor, F.FactorState] = {}
         # weight → (cached factors, their (state key, tensor) pairs): the cache's validity check
         self._factor_keys: dict[Tensor, tuple[F.FactorState, tuple]] = {}
-        self._matrix_shapes: dict[Tensor, tuple[int, int]] = {}  # weight → (d_C, d_K)
+        self._matrix_shapes: dict[Tensor, tuple] = {}  # weight → ((d_C, d_K), buffer, view)
         # weight → (factors, K Kᵀ, C Cᵀ) as SparseGram (not state: rebuilt from the factors)
         self._gram_cache: dict[Tensor, tuple[F.FactorState, Any, Any]] = {}
         # one scratch buffer per (dtype, device), the size of the largest gradient matrix: the
@@ -58,6 +62,7 @@ class Lifecycle:
         self._forward_count = self._layer_calls = 0
         self._loading: dict[Tensor, dict[str, Any]] = {}
         self._scale_cache: dict[Tensor, tuple[F.FactorState, Tensor]] = {}
+        self._checked_groups: dict[int, tuple | None] = {}  # robust.check_groups_for_step
         self._names = {p: name for name, p in model.named_parameters(remove_duplicate=False)}
         self._attention_hooked: set[nn.Module] = set()
         self._notes = {getattr(m, n): why for m in model.modules()  # for describe()
@@ -114,7 +119,7 @@ class Lifecycle:
             hook = kfac.WeakHook(self, "_forward_hook")
             self._handles.append(layer.module.register_forward_hook(hook))
         for p in (layer.weight, layer.bias):
-            if p is not None:
+            if p is not None and self._records_backward_norms:
                 self._handles.append(p.register_post_accumulate_grad_hook(
                     kfac.WeakHook(self, "_grad_hook")))
         key = _compile.register_receiver(functools.partial(kfac.WeakHook(self, "_tap_backward"),
@@ -124,11 +129,13 @@ class Lifecycle:
         if layer.weight in self.state:
             self._sync_collecting(layer)
 
-    def _sync_collecting(self, layer: kfac.Layer) -> None:
-        """Whether the layer's hooks record statistics before its next step (``t mod T = 0``)."""
+    def _sync_collecting(self, layer: kfac.Layer, step: int | None = None) -> None:
+        """Whether the layer's hooks record statistics before its next step (``t mod T = 0``;
+        ``step``: the layer's step count when the caller knows it)."""
         group = self.param_groups[self._group_index[layer.weight]]
         T = group["T"]
-        step = int(self.state[layer.weight]["step"])
+        if step is None:
+            step = int(self.state[layer.weight]["step"])
         self._collecting[layer.module] = isinstance(T, int) and T >= 1 and step % T == 0
 
     def _tap_backward(self, layer: kfac.Layer, x: Tensor, grad: Tensor) -> None:

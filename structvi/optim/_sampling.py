@@ -75,8 +75,15 @@ class Sampling:
         K, C = factors.K, factors.C
         E = self._noise(layer.weight, (C.dim, K.dim), C.dtype, layer.weight.device, generator,
                         flip, keep)
-        EKt = K.matmul(_cast(E.T, K.dtype)).T  # E Kᵀ = (K Eᵀ)ᵀ, any structure of K
-        noise = C.matmul(_cast(EKt, C.dtype))
+        if getattr(K, "name", None) == "dense":  # E Kᵀ in one product on the transposed view
+            EKt = torch.mm(_cast(E, K.dtype), K.to_dense().T)
+        else:
+            EKt = K.matmul(_cast(E.T, K.dtype)).T  # E Kᵀ = (K Eᵀ)ᵀ, any structure of K
+        EKt = _cast(EKt, C.dtype)
+        if getattr(C, "name", None) == "dense" and self._draw_fused(layer, C.to_dense(), EKt,
+                                                                     rho):
+            return
+        noise = C.matmul(EKt)
         weight = layer.weight
         if layer.bias is None:
             self._swap(weight, noise.view(weight.shape), rho)
@@ -85,6 +92,31 @@ class Sampling:
             self._swap(weight, part if part.shape == weight.shape else part.reshape(weight.shape),
                        rho)
             self._swap(layer.bias, noise[:, -1], rho)
+
+    def _draw_fused(self, layer: kfac.Layer, C: Tensor, EKt: Tensor, rho: float) -> bool:
+        """``W = μ + ρ C (E Kᵀ)`` for a dense ``C`` with the addition fused into the product
+        (``addmm``, and ``addmv`` for the bias column); ``False`` (nothing done) when the mean
+        and the noise dtypes differ without a master mean (the general path then rounds)."""
+        weight, bias = layer.weight, layer.bias
+        means = []
+        for p in (weight, bias):
+            if p is None:
+                continue
+            master = self._master(p)
+            mean = master if master is not None else p.data
+            if mean.dtype != C.dtype:
+                return False
+            means.append(mean)
+        self._means[weight] = weight.data
+        d_out = weight.shape[0]
+        if bias is None:
+            sample = torch.addmm(means[0].view(d_out, -1), C, EKt, alpha=rho)
+        else:
+            self._means[bias] = bias.data
+            sample = torch.addmm(means[0].view(d_out, -1), C, EKt[:, :-1], alpha=rho)
+            bias.data = _cast(torch.addmv(means[1], C, EKt[:, -1], alpha=rho), bias.dtype)
+        weight.data = _cast(sample.view(weight.shape), weight.dtype)
+        return True
 
     def _draw_diagonal(self, p: Tensor, group: dict[str, Any], rho: float,
                        generator: torch.Generator | None, flip: bool, keep: bool) -> None:

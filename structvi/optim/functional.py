@@ -185,6 +185,12 @@ def update_preconditioner(
     """
     alpha = 0.0 if kfac_like else alpha1
     half = 0.5 * ((1.0 - alpha) if normalize_lr_cov else 1.0)
+    if retraction == "quadratic" and not normalize_lr_cov and _all_dense(state, H_K, H_C):
+        from structvi.optim._dense_update import dense_update  # (imports FactorState)
+
+        return dense_update(state, H_K, H_C, lr=lr_cov, alpha=alpha, damping=damping,
+                             unscale=unscale, kfac_like=kfac_like, half=half,
+                             trust_region=trust_region, relative_damping=relative_damping)
     nu_K, nu_C = _directions(state, H_K, H_C, damping=damping, unscale=unscale,
                              kfac_like=kfac_like, half=half, relative_damping=relative_damping)
     opts = dict(lr=lr_cov, alpha=alpha, normalize=normalize_lr_cov, retraction=retraction,
@@ -192,6 +198,15 @@ def update_preconditioner(
     K, m_K = _factor_update(state.K, state.m_K, nu_K, **opts)
     C, m_C = _factor_update(state.C, state.m_C, nu_C, **opts)
     return FactorState(K, C, m_K, m_C)
+
+
+def _all_dense(state: FactorState, H_K: Structure, H_C: Structure) -> bool:
+    """Whether every factor, momentum and statistic is a dense matrix of one dtype and device."""
+    parts = [p for p in (*state, H_K, H_C) if p is not None]
+    first = parts[0].to_dense() if getattr(parts[0], "name", None) == "dense" else None
+    return first is not None and all(
+        getattr(p, "name", None) == "dense" and p.dtype == first.dtype
+        and p.device == first.device for p in parts)
 
 
 class SparseGram(NamedTuple):

@@ -431,6 +431,12 @@ class StructuredNGD(Lifecycle, Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._update()
+        return loss
+
+    def _update(self) -> None:
+        """The body of :meth:`step` after the closure (under ``no_grad``): subclasses call it
+        without a second pass through ``torch.optim``'s step wrapper (profiling, step hooks)."""
         scale, skip = self._amp_scale()
         if skip:  # GradScaler found inf/NaN: no update, statistics dropped, steps counted
             self._stats.clear()
@@ -438,10 +444,10 @@ class StructuredNGD(Lifecycle, Optimizer):
             for weight, layer in self._layers.items():
                 set_counters(self.state[weight], int(self.state[weight]["step"]) + 1, scale)
                 self._sync_collecting(layer)
-            return loss
+            return
         robust.check_groups_for_step(self)
         if not robust.screen_step(self, scale):  # non-finite: skipped, state intact
-            return loss
+            return
         try:
             for group in self.param_groups:
                 with F.autocast_off(group["params"]):
@@ -454,7 +460,6 @@ class StructuredNGD(Lifecycle, Optimizer):
             self._verdicts.clear()
             self._screened.clear()
             self._backward_norms.clear()
-        return loss
 
     def _amp_scale(self) -> tuple[float, bool]:
         """``(s_t, skip)`` from the attributes ``GradScaler.step`` sets on this optimizer."""
@@ -507,7 +512,7 @@ class StructuredNGD(Lifecycle, Optimizer):
                             weight_decay=group["weight_decay"])
         set_counters(state, step + 1, scale)
         robust.write_running(state, verdict)
-        self._sync_collecting(layer)
+        self._sync_collecting(layer, step + 1)
 
     def _normalize(self, layer: kfac.Layer, group: dict[str, Any], factors: F.FactorState,
                    direction: Tensor, step: int) -> Tensor:
@@ -537,16 +542,18 @@ class StructuredNGD(Lifecycle, Optimizer):
     def _scratch_matrix(self, layer: kfac.Layer) -> Tensor:
         """A ``(d_C, d_K)`` view of the shared scratch buffer for the layer's gradient matrix."""
         grad = layer.weight.grad
-        shape = self._matrix_shapes.get(layer.weight)
-        if shape is None:
-            shape = self._matrix_shapes[layer.weight] = kfac.weight_dims(
-                layer.weight, layer.bias is not None)[::-1]
         key = (grad.dtype, grad.device)
         buffer = self._scratch.get(key)
+        cached = self._matrix_shapes.get(layer.weight)  # (shape, buffer, view of it)
+        if cached is not None and buffer is not None and cached[1] is buffer:
+            return cached[2]
+        shape = kfac.weight_dims(layer.weight, layer.bias is not None)[::-1]
         if buffer is None or buffer.numel() < shape[0] * shape[1]:
             buffer = self._scratch[key] = torch.empty(shape[0] * shape[1], dtype=grad.dtype,
                                                       device=grad.device)
-        return buffer[: shape[0] * shape[1]].view(shape)
+        view = buffer[: shape[0] * shape[1]].view(shape)
+        self._matrix_shapes[layer.weight] = (shape, buffer, view)
+        return view
 
     def _update_factors(self, layer: kfac.Layer, group: dict[str, Any], factors: F.FactorState,
                         stats: kfac.KroneckerStatistics | None, scale: float) -> F.FactorState:

@@ -47,15 +47,39 @@ def check_group(group: dict[str, Any], index: int) -> None:
                          f"clipping), got outlier_threshold={value!r}")
 
 
+def _snapshot(group: dict[str, Any]) -> tuple | None:
+    """The group's ``(key, value)`` pairs (``params`` left out) for an identity comparison, or
+    ``None`` when a value is a mutable container (it could change without a new object)."""
+    items = tuple((k, v) for k, v in group.items() if k != "params")
+    if any(isinstance(v, (list, dict, set)) for _, v in items):
+        return None
+    return items
+
+
+def _unchanged(group: dict[str, Any], snapshot: tuple | None) -> bool:
+    """Whether every value of ``group`` is the very object it was when last validated."""
+    if snapshot is None or len(snapshot) != len(group) - ("params" in group):
+        return False
+    return all(group.get(k, snapshot) is v for k, v in snapshot)
+
+
 def check_groups_for_step(opt: StructuredNGD) -> None:
-    """Re-validate every group when ``step()`` reads it (values may be set after construction)."""
+    """Re-validate every group when ``step()`` reads it (values may be set after construction).
+
+    A group whose values are all the same objects as at its last validation (no assignment
+    since; numbers and tuples cannot change in place) is not validated again.
+    """
+    checked = opt._checked_groups
     for index, group in enumerate(opt.param_groups):
+        if _unchanged(group, checked.get(id(group))):
+            continue
         try:
             _check_core_group(group, index)
             check_group(group, index)
         except ValueError as err:
             raise ValueError(f"{err}; step() read it from param_groups[{index}] (set after "
                              "construction?): set a valid value before calling step()") from err
+        checked[id(group)] = _snapshot(group)
 
 
 def check_params_in_model(opt: StructuredNGD) -> None:

@@ -276,17 +276,21 @@ class VariationalNGD(Sampling, StructuredNGD):
         self._last_noise.clear()
         self._amp_pending = amp
         try:
-            with self._masters_in_place():
-                super().step()
+            with self._masters_in_place(), torch.no_grad():
+                self._update()
         finally:
             self.__dict__.pop("_amp_pending", None)
         return loss
 
+    # No gradient-norm record (no gradient hooks are installed): :meth:`step` itself changes
+    # ``p.grad`` (the draws' average and the prior term), so the base class's rule that
+    # rescales the statistics by the change of the gradient norm between backward and
+    # ``step()`` (user clipping) does not apply in the variational mode; the outlier and
+    # non-finite rules still do.
+    _records_backward_norms = False
+
     def _grad_hook(self, param: Tensor) -> None:
-        """No gradient-norm record: :meth:`step` itself changes ``p.grad`` (the draws' average
-        and the prior term), so the base class's rule that rescales the statistics by the
-        change of the gradient norm between backward and ``step()`` (user clipping) does not
-        apply in the variational mode; the outlier and non-finite rules still do."""
+        """Nothing (see ``_records_backward_norms``; a hook of an older pickle may call it)."""
         del param
 
     def _update_factors(self, layer: kfac.Layer, group: dict[str, Any], factors: Any,
@@ -313,7 +317,9 @@ class VariationalNGD(Sampling, StructuredNGD):
     def _add_prior_gradient(self, scale: float) -> None:
         """``∇ ← ∇ + λ μ`` (times the GradScaler scale ``scale``, which the gradients carry)."""
         for group in self.param_groups:
-            damping = group["damping"] = self._damping(group)  # the prior may have been edited
+            damping = self._damping(group)  # the prior may have been edited
+            if group["damping"] != damping:
+                group["damping"] = damping
             if damping == 0.0:
                 continue
             params = [p for p in group["params"] if p.grad is not None]

@@ -1,0 +1,92 @@
+"""The fast paths of the optimizer give the results of the general paths: the dense factor
+update (bit for bit the structure-API update) and the group checks skipped for unchanged
+groups (a changed value is still validated)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from structvi.optim import StructuredNGD
+from structvi.optim import functional as F
+from structvi.structures.registry import make_structure
+
+
+def _dense(d: int, scale: float, seed: int, dtype: torch.dtype = torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    S = make_structure("dense", d, dtype=dtype)
+    A = torch.randn(d, d, generator=g, dtype=dtype) * scale
+    return S.from_dense(torch.eye(d, dtype=dtype) + A)
+
+
+def _spd(d: int, seed: int, dtype: torch.dtype = torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(d, 2 * d, generator=g, dtype=dtype)
+    return make_structure("dense", d, dtype=dtype).from_dense(X @ X.T / (2 * d))
+
+
+def _general(state, H_K, H_C, *, lr, alpha, damping, unscale, kfac_like, relative, trust):
+    nu_K, nu_C = F._directions(state, H_K, H_C, damping=damping, unscale=unscale,
+                               kfac_like=kfac_like, half=0.5, relative_damping=relative)
+    opts = dict(lr=lr, alpha=alpha, normalize=False, retraction="quadratic",
+                trust_region=trust)
+    K, m_K = F._factor_update(state.K, state.m_K, nu_K, **opts)
+    C, m_C = F._factor_update(state.C, state.m_C, nu_C, **opts)
+    return K, C, m_K, m_C
+
+
+@pytest.mark.parametrize("kfac_like,relative,trust",
+                         list(itertools.product([False, True], [False, True], [None, 1.0])))
+def test_dense_update_matches_structure_path(kfac_like, relative, trust, monkeypatch):
+    """update_preconditioner's dense path = _directions + engine factor_step (bit for bit)."""
+    from structvi.optim import _dense_update
+
+    calls = []
+    real = _dense_update.dense_update
+    monkeypatch.setattr(_dense_update, "dense_update", lambda *a, **k: calls.append(1) or real(
+        *a, **k))
+    K, C = _dense(5, 0.1, 0), _dense(3, 0.1, 1)
+    m_K, m_C = (None, None) if kfac_like else (_dense(5, 0.2, 2), _dense(3, 0.2, 3))
+    state = F.FactorState(K, C, m_K, m_C)
+    H_K, H_C = _spd(5, 4), _spd(3, 5)
+    alpha = 0.0 if kfac_like else 0.5
+    kw = dict(damping=1e-2, unscale=0.7, kfac_like=kfac_like)
+    new = F.update_preconditioner(state, H_K, H_C, lr_cov=3.0, alpha1=0.5, retraction="quadratic",
+                                  trust_region=trust, relative_damping=relative, **kw)
+    assert calls == [1]  # the dense path was taken
+    ref = _general(state, H_K, H_C, lr=3.0, alpha=alpha, relative=relative, trust=trust, **kw)
+    for got, want in zip(new, ref):
+        if want is None:
+            assert got is None
+        else:
+            assert got.spec() == want.spec()
+            assert torch.equal(got.to_dense(), want.to_dense())
+
+
+def test_group_values_changed_after_a_checked_step_are_checked_again():
+    """Group checks are skipped only while every value is the object last validated: a value
+    set after earlier steps (or a list edited in place) is still validated by step()."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    opt = StructuredNGD(net)
+    x = torch.randn(8, 3)
+
+    def step() -> None:
+        opt.zero_grad()
+        net(x).square().mean().backward()
+        opt.step()
+
+    step()
+    step()  # the groups are unchanged: not validated again
+    opt.param_groups[0]["T"] = 0
+    with pytest.raises(ValueError, match=r"T must be an integer >= 1, got T=0"):
+        step()
+    opt.param_groups[0]["T"] = 1
+    opt.param_groups[0]["preconditioner_dtype"] = [None, None]  # a list: never cached
+    step()
+    opt.param_groups[0]["preconditioner_dtype"][0] = "float32"
+    with pytest.raises(ValueError, match=r"preconditioner_dtype must be a pair"):
+        step()
