@@ -58,6 +58,9 @@ def _dense_factor_step(factor: Tensor, m: Tensor, nu: Tensor, *, lr: float, alph
                ).clamp(max=1.0)
         beta = lr * cap.nan_to_num(nan=1.0)
     step = m * (-beta if isinstance(beta, float) else -beta.to(factor.dtype))
+    if factor.dtype in (torch.float32, torch.float64) and step.dtype == factor.dtype:
+        KM = factor @ step  # K + KM + ½(KM)M, as Dense.retract
+        return torch.addmm(factor + KM, KM, step, alpha=0.5), m
     h = step.clone()
     h.diagonal().add_(1.0)
     h.add_(0.5 * (step @ step))  # (I + M) + ½M², in the order of the structure path
