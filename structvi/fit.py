@@ -36,7 +36,7 @@ bounded by a trust region of 5 standard deviations of ``q``; for ``d ≤ 64`` th
 by one batched backward pass and reused while the mean stays within half a standard deviation in
 its metric (:mod:`structvi._fit_curvature`). With ``mean_cg_iters = 0`` the
 fitter instead caps the plain mean step by an exact line search on the local quadratic model
-(:func:`_mean_line_search`), which leaves a Newton step unchanged.
+(:func:`structvi.engine.mean_solver.mean_line_search`), which leaves a Newton step unchanged.
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ from structvi._fit_state import apply_state_dict, check_state_dict, fitter_state
 from structvi._fit_state import failure_text as _failure_text
 from structvi._fit_state import widest as _work_dtype
 from structvi.engine import NGDConfig, NGDState
+from structvi.engine.mean_solver import mean_line_search
 from structvi.estimators import (
     DEFAULT_NUM_SAMPLES, Estimate, LogJoint, check_estimator, elbo, estimate,
 )
@@ -80,42 +81,6 @@ __all__ = [
 
 ConfigArg = NGDConfig | Callable[[int], NGDConfig] | None
 _LOG_2PI_E = 1.0 + math.log(2 * math.pi)
-
-
-def _mean_line_search(state: NGDState, est: Estimate, cfg: NGDConfig) -> NGDConfig:
-    r"""Cap the mean step size by an exact line search on the local quadratic model.
-
-    The engine's plain mean step moves along ``−v``, ``v = K Kᵀ m_μ`` with ``m_μ = α_μ m_μ + g``.
-    On the model ``f(μ − βv) ≈ f(μ) − β gᵀv + ½β² vᵀĒv`` the best step is
-    ``β* = gᵀv / vᵀĒv = (Kᵀg)ᵀu / uᵀ(KᵀĒK)u`` with ``u = Kᵀ m_μ``, estimated from the same
-    samples (``est.quad_form``). The step is ``min(β_μ, β*)``; if the momentum direction points
-    uphill (``gᵀv ≤ 0``) or the model is not finite the mean does not move this step. The search
-    uses the pre-update factor while the engine steps with the updated one; the two agree at
-    convergence and the factor's trust region bounds their difference. Costs two structured
-    products, computed in float32 or wider whatever the factor's dtype, with ``u`` normalized
-    before the quadratic form (so a float16 factor cannot overflow it). With the CG mean step
-    (``cfg.mean_cg_iters > 0``) the direction already minimizes the model over its Krylov space
-    and the cap is not applied.
-    """
-    if cfg.mean_cg_iters > 0:
-        return cfg
-    acc = engine.accumulation_dtype(state.loc.dtype, state.factor.dtype)
-    K = state.factor.to(acc) if state.factor.dtype != acc else state.factor
-    g = est.stats.grad.to(acc)
-    if cfg.alpha_mean == 0:  # m_μ = g: one product
-        u = K.rmatmul(g)
-        slope, norm = (float(x) for x in torch.stack([u @ u, u.norm()]).tolist())
-    else:
-        u = K.rmatmul(cfg.alpha_mean * state.loc_momentum.to(acc) + g)
-        slope, norm = (float(x) for x in torch.stack([K.rmatmul(g) @ u, u.norm()]).tolist())
-    if not (slope > 0 and math.isfinite(slope) and math.isfinite(norm)):
-        return cfg.replace(lr_mean=0.0)  # uphill, g = 0, or not finite: no mean step this time
-    curv = float(est.quad_form(u / norm)) * norm * norm
-    if not math.isfinite(curv):
-        return cfg.replace(lr_mean=0.0)
-    if not curv > 0 or slope >= cfg.beta_mean * curv:  # no curvature information, or no cap
-        return cfg
-    return cfg.replace(lr_mean=slope / curv)
 
 
 class Fitter:
@@ -287,7 +252,7 @@ class Fitter:
                 return self._undo(t0, est)
         if est.stats is None:
             return self._fail(t0, est, "non_finite", 1)
-        cfg = _mean_line_search(old, est, self.config_at(old.step))
+        cfg = mean_line_search(old, est, self.config_at(old.step))
         stats = est.stats
         if cfg.mean_cg_iters > 0:  # Hessian-vector products at the mean (float32 or wider)
             stats = stats._replace(hvp=self._mean_hvp(old.loc))

@@ -32,14 +32,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from structvi.structures.base import Structure
 
-__all__ = ["accumulation_dtype", "plain_direction", "target_hessian", "target_hvp",
-           "trust_region_cg"]
+if TYPE_CHECKING:  # ngd imports this module
+    from structvi.engine.ngd import NGDConfig, NGDState
+
+__all__ = ["accumulation_dtype", "mean_line_search", "plain_direction", "target_hessian",
+           "target_hvp", "trust_region_cg"]
 
 HVP = Callable[[Tensor], Tensor]
 
@@ -207,3 +211,40 @@ def trust_region_cg(
         pp = rz_new + beta * beta * pp
         rz = rz_new
     return x
+
+
+def mean_line_search(state: NGDState, est: Any, cfg: NGDConfig) -> NGDConfig:
+    r"""Cap the mean step size by an exact line search on the local quadratic model.
+
+    The engine's plain mean step moves along ``−v``, ``v = K Kᵀ m_μ`` with ``m_μ = α_μ m_μ + g``.
+    On the model ``f(μ − βv) ≈ f(μ) − β gᵀv + ½β² vᵀĒv`` the best step is
+    ``β* = gᵀv / vᵀĒv = (Kᵀg)ᵀu / uᵀ(KᵀĒK)u`` with ``u = Kᵀ m_μ``, estimated from the same
+    samples (``est.quad_form``). The step is ``min(β_μ, β*)``; if the momentum direction points
+    uphill (``gᵀv ≤ 0``) or the model is not finite the mean does not move this step. The search
+    uses the pre-update factor while the engine steps with the updated one; the two agree at
+    convergence and the factor's trust region bounds their difference. Costs two structured
+    products, computed in float32 or wider whatever the factor's dtype, with ``u`` normalized
+    before the quadratic form (so a float16 factor cannot overflow it). With the CG mean step
+    (``cfg.mean_cg_iters > 0``) the direction already minimizes the model over its Krylov space
+    and the cap is not applied. ``est``: a :class:`structvi.estimators.Estimate` (its
+    ``stats.grad`` and ``quad_form``).
+    """
+    if cfg.mean_cg_iters > 0:
+        return cfg
+    acc = accumulation_dtype(state.loc.dtype, state.factor.dtype)
+    K = state.factor.to(acc) if state.factor.dtype != acc else state.factor
+    g = est.stats.grad.to(acc)
+    if cfg.alpha_mean == 0:  # m_μ = g: one product
+        u = K.rmatmul(g)
+        slope, norm = (float(x) for x in torch.stack([u @ u, u.norm()]).tolist())
+    else:
+        u = K.rmatmul(cfg.alpha_mean * state.loc_momentum.to(acc) + g)
+        slope, norm = (float(x) for x in torch.stack([K.rmatmul(g) @ u, u.norm()]).tolist())
+    if not (slope > 0 and math.isfinite(slope) and math.isfinite(norm)):
+        return cfg.replace(lr_mean=0.0)  # uphill, g = 0, or not finite: no mean step this time
+    curv = float(est.quad_form(u / norm)) * norm * norm
+    if not math.isfinite(curv):
+        return cfg.replace(lr_mean=0.0)
+    if not curv > 0 or slope >= cfg.beta_mean * curv:  # no curvature information, or no cap
+        return cfg
+    return cfg.replace(lr_mean=slope / curv)

@@ -11,7 +11,7 @@ import torch
 from structvi import engine
 from structvi.engine import NGDConfig, plain_direction, target_hvp, trust_region_cg
 from structvi.estimators import Estimate
-from structvi.fit import _mean_line_search
+from structvi.engine.mean_solver import mean_line_search as _mean_line_search
 from structvi.schedules import StructureDefault, TwoStage, default_config
 from structvi.structures import make_structure
 
