@@ -229,8 +229,8 @@ def logdet_retraction(M: Structure, retraction: str = "quadratic",
     to ``K`` terms with the rigorous tail bound of :func:`series_terms`,
 
     .. math:: \Big|\sum_{k>K} c_k \operatorname{tr} M^k\Big|
-              \le rac{a\,\|M\|_F^2}{R^2}\,rac{q^{K-1}}{(K+1)(1-q)},\qquad
-              q = rac{\min(\|M\|_\infty, \|M\|_F)}{R},
+              \le \frac{a\,\|M\|_F^2}{R^2}\,\frac{q^{K-1}}{(K+1)(1-q)},\qquad
+              q = \frac{\min(\|M\|_\infty, \|M\|_F)}{R},
 
     (``a = 2`` / ``1``; ``|tr M^k| ≤ ρ^{k−2}‖M‖_F²`` and ``|c_k| ≤ (a/k)R^{−k}``), below ``tol``
     nats in all (each leaf gets ``tol`` divided by the number of leaves and its weight). A

@@ -410,6 +410,14 @@ class Structure:
         self._warn("gram_diagonal")
         return self.to_dense().square().sum(-1)
 
+    def abs_row_sums(self) -> Tensor:
+        """Row sums of ``|K|`` (shape ``(dim,)``): ``|K|`` as the same structure with
+        ``|tensors|``. Exact for structures that store every entry of their matrix at its own
+        position (dense, diagonal, triangular, block families); for a sum of products such as
+        ``D + U Vᵀ`` an upper bound (triangle inequality), so norms built on it stay safe."""
+        absf = self._new({k: t.abs() for k, t in self._t.items()})
+        return absf.matmul(torch.ones(self.dim, dtype=self.dtype, device=self.device))
+
     def inf_norm(self) -> Tensor:
         """``‖K‖_∞``, the largest absolute row sum (the trust-region norm, MATH §2.6)."""
         self._warn("inf_norm")

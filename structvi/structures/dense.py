@@ -122,6 +122,9 @@ class Dense(Structure):
     def gram_diagonal(self) -> Tensor:
         return self.matrix.square().sum(-1)
 
+    def abs_row_sums(self) -> Tensor:
+        return self.matrix.abs().sum(-1)
+
     def inf_norm(self) -> Tensor:
         return self.matrix.abs().sum(-1).max()
 

@@ -103,6 +103,9 @@ class Diagonal(Structure):
     def gram_diagonal(self) -> Tensor:
         return self.diag.square()
 
+    def abs_row_sums(self) -> Tensor:
+        return self.diag.abs()
+
     def inf_norm(self) -> Tensor:
         return self.diag.abs().max()
 

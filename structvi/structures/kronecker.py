@@ -107,17 +107,6 @@ def _unfold(U: Tensor, dims: tuple[int, int], axis: int) -> Tensor:
     return U3.reshape(d1, -1) if axis == 0 else U3.transpose(0, 1).reshape(d2, -1)
 
 
-def _abs_row_sums(f: Structure) -> Tensor:
-    """Row sums of ``|F|``: every structure stores the entries of its matrix on disjoint
-    positions, so ``|F|`` is the same structure with ``|tensors|``."""
-    if f.name == "dense":
-        return f._t["matrix"].abs().sum(-1)
-    if f.name == "diagonal":
-        return f._t["diag"].abs()
-    absf = f._new({k: t.abs() for k, t in f._t.items()})
-    return absf.matmul(torch.ones(f.dim, dtype=f.dtype, device=f.device))
-
-
 @register
 class Kronecker(Structure):
     """``K₁ ⊗ K₂`` (kind ``"product"``) or ``M₁ ⊗ I + I ⊗ M₂`` (kind ``"sum"``).
@@ -504,7 +493,7 @@ class Kronecker(Structure):
         if self.kind == "product":
             return self.factors[0].inf_norm() * self.factors[1].inf_norm()
         a, b = (f.diagonal() for f in self.factors)
-        r1, r2 = (_abs_row_sums(f) - f.diagonal().abs() for f in self.factors)
+        r1, r2 = (f.abs_row_sums() - f.diagonal().abs() for f in self.factors)
         return (r1[:, None] + r2[None, :] + (a[:, None] + b[None, :]).abs()).max()
 
     def logabsdet(self) -> Tensor:

@@ -183,6 +183,17 @@ def test_diagonals_norms_trace(structure_case, dtype, gen):
     assert_close(m.inf_norm(), M.abs().sum(-1).max(), t, "‖M‖∞")
 
 
+def test_abs_row_sums(structure_case, dtype, gen):
+    """Row sums of |K|: exact for entrywise-stored structures, an upper bound otherwise."""
+    s, A = rounded(structure_case, gen, dtype)
+    got, want = s.abs_row_sums().to(F64), A.abs().sum(-1)
+    t = tol(dtype, structure_case.dim)
+    if structure_case.extra.get("entries_are_products"):
+        assert bool((got >= want * (1 - t) - t).all()), (got, want)
+    else:
+        assert_close(got, want, t, "row sums of |K|")
+
+
 def test_logabsdet(structure_case, dtype, gen):
     s, A = rounded(structure_case, gen, dtype)
     expected = torch.linalg.slogdet(A)[1]
