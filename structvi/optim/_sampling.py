@@ -75,11 +75,7 @@ class Sampling:
         K, C = factors.K, factors.C
         E = self._noise(layer.weight, (C.dim, K.dim), C.dtype, layer.weight.device, generator,
                         flip, keep)
-        if getattr(K, "name", None) == "dense":  # E Kᵀ in one product on the transposed view
-            EKt = torch.mm(_cast(E, K.dtype), K.to_dense().T)
-        else:
-            EKt = K.matmul(_cast(E.T, K.dtype)).T  # E Kᵀ = (K Eᵀ)ᵀ, any structure of K
-        EKt = _cast(EKt, C.dtype)
+        EKt = _cast(K.matmul_rows(_cast(E, K.dtype)), C.dtype)  # E Kᵀ, any structure of K
         if getattr(C, "name", None) == "dense" and self._draw_fused(layer, C.to_dense(), EKt,
                                                                      rho):
             return

@@ -339,6 +339,14 @@ class Structure:
         self._check_vec(x)
         return self.to_dense().T @ x
 
+    def matmul_rows(self, X: Tensor) -> Tensor:
+        """``X Kᵀ`` for ``X`` of shape ``(n, d)``: ``K`` applied to every row (``(K Xᵀ)ᵀ``;
+        structures may skip the transposes)."""
+        if not isinstance(X, Tensor) or X.dim() != 2 or X.shape[1] != self.dim:
+            shape = tuple(X.shape) if isinstance(X, Tensor) else type(X).__name__
+            raise ValueError(f"X must have shape (n, {self.dim}), got {shape}")
+        return self.matmul(X.T).T
+
     def apply_along(self, X: Tensor, axis: int, transpose: bool = False) -> Tensor:
         """``K`` (``Kᵀ`` if ``transpose``) applied along axis 0 or 1 of a 3-D ``X`` whose size
         on that axis is ``d`` (a Kronecker factor's product; structures may skip the copies of

@@ -51,6 +51,12 @@ class Dense(Structure):
         self._check_vec(x)
         return self.matrix.T @ x
 
+    def matmul_rows(self, X: Tensor) -> Tensor:
+        """``X Kᵀ`` in one product on the transposed view."""
+        if not isinstance(X, Tensor) or X.dim() != 2 or X.shape[1] != self.dim:
+            return super().matmul_rows(X)  # raises with the expected shape
+        return torch.mm(X, self.matrix.T)
+
     def apply_along(self, X: Tensor, axis: int, transpose: bool = False) -> Tensor:
         A = self.matrix.T if transpose else self.matrix
         if axis == 0:

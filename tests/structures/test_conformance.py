@@ -183,6 +183,15 @@ def test_diagonals_norms_trace(structure_case, dtype, gen):
     assert_close(m.inf_norm(), M.abs().sum(-1).max(), t, "‖M‖∞")
 
 
+def test_matmul_rows(structure_case, dtype, gen):
+    s, A = rounded(structure_case, gen, dtype)
+    X = randn(gen, 3, structure_case.dim, dtype=dtype)
+    t = tol(dtype, structure_case.dim, "matmul")
+    assert_close(s.matmul_rows(X).to(F64), X.to(F64) @ A.T, t, "X Kᵀ")
+    with pytest.raises(ValueError, match=rf"X must have shape \(n, {structure_case.dim}\)"):
+        s.matmul_rows(X.T if structure_case.dim != 3 else X[:, :1])
+
+
 def test_abs_row_sums(structure_case, dtype, gen):
     """Row sums of |K|: exact for entrywise-stored structures, an upper bound otherwise."""
     s, A = rounded(structure_case, gen, dtype)
