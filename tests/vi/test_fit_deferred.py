@@ -11,22 +11,14 @@ import torch
 
 from structvi._fit_deferred import MIN_HISTORY, DeferredCheck, Reference
 from structvi.engine import NGDConfig
-from structvi.fit import Fitter, StepRule, fit
+from structvi.fit import Fitter, StepRule
 from structvi.gaussian import StructuredGaussian
 from tests.vi import models
+from tests.vi.test_step_rules import run as quiet_fit
+from tests.vi.test_step_rules import seeded
 
 F64 = torch.float64
 DEFERRED = StepRule(accept="deferred")
-
-
-def seeded(seed=0):
-    return torch.Generator().manual_seed(seed)
-
-
-def quiet_fit(log_joint, q0, steps, seed=0, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return fit(log_joint, q0, steps, generator=seeded(seed), progress=False, **kwargs)
 
 
 @pytest.mark.parametrize("accept", ["crn", 1, 0.5, None])
