@@ -83,3 +83,13 @@ def test_figure_script_draws_a_structure(tmp_path, monkeypatch):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     K = module.generic_factor("low_rank_diagonal")
     assert (K[3:, :3] == 0).all() and (K[3:, 3:] == K[3:, 3:].diag().diag()).all()
+
+
+def test_sources_hold_no_control_characters():
+    """Regression: a ``\\frac`` written through a non-raw string became a form feed + ``rac``
+    in a docstring of structvi/_fit_rules.py (rendered as ``rac{...}``)."""
+    bad = [str(p.relative_to(ROOT)) for top in ("structvi", "benchmarks", "examples", "tests",
+                                                "docs")
+           for p in (ROOT / top).rglob("*") if p.suffix in (".py", ".md")
+           and any(c in p.read_text(encoding="utf-8") for c in "\x0b\x0c\x07\x08")]
+    assert not bad, bad
