@@ -140,6 +140,7 @@ class DeferredCheck:
             return False
         self.history.append(d)
         self.streak += 1
+        self.reference = None  # judged: it stands
         return True
 
     def regrow(self) -> bool:

@@ -165,6 +165,7 @@ def test_noise_scale_uses_past_losses_of_steps_that_stood():
     assert check.judge(-1.0 - 3 * sigma + 0.01, 0.1, tolerance=1.0)  # within tol + 3σ̂: stands
     assert len(check.history) == n + 1
     sigma = check.noise_scale()
+    check.arm(Reference(None, 0.0, value=0.0, se=0.1, spread=1.0, scale=1.0))  # the next step
     assert not check.judge(-1.0 - 3 * sigma - 0.5, 0.1, tolerance=1.0)
     assert len(check.history) == n + 1  # an undone step does not enter the noise scale
     assert not check.judge(-math.inf, 0.1, tolerance=1.0)
@@ -215,3 +216,14 @@ def test_natural_gradient_svi_takes_the_deferred_rule():
     assert runs[False] == 20 < runs[True]
     with pytest.raises(TypeError, match="step_rule must be a structvi.fit.StepRule or None"):
         NaturalGradientSVI(model, AutoStructuredNormal(model), step_rule="deferred")
+
+
+def test_a_judged_step_is_not_judged_again():
+    """Regression: a step that stood kept its reference; when the next proposal then failed
+    (no new reference armed), the step after compared against the old reference and could undo
+    a step that had already stood."""
+    check = DeferredCheck()
+    check.arm(Reference(None, 0.0, value=-10.0, se=0.1, spread=1.0, scale=1.0))
+    assert check.judge(-9.0, 0.1, tolerance=1.0)
+    assert check.reference is None
+    assert check.judge(-1e9, 0.1, tolerance=1.0)  # nothing pending: nothing to undo
