@@ -46,6 +46,7 @@ from structvi.structures import Structure
 
 __all__ = ["Proposal", "StepRule", "logdet_retraction", "retraction_coordinates", "series_terms"]
 
+_RADIUS = {"quadratic": math.sqrt(2.0), "first_order": 1.0}  # convergence radius of log h(x)
 _MAX_TERMS = 400  # q < 0.9: the tail bound is below 1e-16·‖M‖_F² well before
 
 
