@@ -3,6 +3,9 @@
 * training and prediction draws ``W = μ + ρ C E Kᵀ`` (any factor structure, through
   ``Structure.matmul``) and ``θ + ρ ε / √(h + λ)`` for the diagonal rule, swapped into the
   parameters without writing the means;
+* ``antithetic="steps"``: training draws in pairs across steps, the second of a pair
+  ``μ' − ρ N`` reusing the first's noise product ``N = C E Kᵀ`` (kept in the state under
+  :data:`PAIRED`) while the factors are unchanged;
 * the gradients kept from each training draw (the first by reference when ``mc_samples == 1``);
 * the float32 master means of bf16/fp16 parameters, re-checked against the parameter only when
   its storage or version counter changed.
@@ -23,9 +26,10 @@ from torch import Tensor
 
 from structvi.optim import kfac
 
-__all__ = ["HALF", "Sampling"]
+__all__ = ["HALF", "PAIRED", "Sampling"]
 
 HALF = (torch.bfloat16, torch.float16)
+PAIRED = "paired_noise"  # state key: the unpaired training draw's noise (antithetic="steps")
 
 
 def _cast(x: Tensor, dtype: torch.dtype) -> Tensor:
@@ -36,18 +40,45 @@ class Sampling:
     """Mixin of :class:`~structvi.optim.VariationalNGD`: draws, kept gradients, master means."""
 
     @torch.no_grad()
-    def _draw(self, generator: torch.Generator | None, *, flip: bool, keep: bool) -> None:
+    def _draw(self, generator: torch.Generator | None, *, flip: bool, keep: bool,
+              pair: bool = False) -> None:
+        """Swap a draw into every trained parameter. ``flip``/``keep``: the within-step
+        antithetic pairs (``−E`` of the kept ``E``; keep ``E``); ``pair``: a training draw of
+        ``antithetic="steps"``: the partner of the kept noise when every parameter can pair,
+        else a new draw whose noise is kept."""
+        partner = pair and self._can_pair()
+        for group, p, layer in self._drawn():
+            rho = self.rho(group)
+            if layer is not None and pair:
+                self._draw_paired(layer, rho, generator, partner)
+            elif layer is not None:
+                self._draw_layer(layer, rho, generator, flip, keep)
+            else:
+                self._draw_diagonal(p, group, rho, generator, flip, keep, pair, partner)
+
+    def _drawn(self) -> Iterator[tuple[dict[str, Any], Tensor, kfac.Layer | None]]:
+        """``(group, p, layer)`` for every parameter drawn on its own: a layer's weight (its
+        bias is drawn with it) or a diagonal-rule parameter (``layer`` is ``None``)."""
         layers, biases = self._layers, self._biases
         for group in self.param_groups:
-            rho = self.rho(group)
             for p in group["params"]:
                 if not p.requires_grad or p in self._means:
                     continue
                 layer = layers.get(p)
-                if layer is not None:
-                    self._draw_layer(layer, rho, generator, flip, keep)
-                elif p not in biases or biases[p].weight not in layers:
-                    self._draw_diagonal(p, group, rho, generator, flip, keep)
+                if layer is not None or p not in biases or biases[p].weight not in layers:
+                    yield group, p, layer
+
+    def _can_pair(self) -> bool:
+        """Whether every drawn parameter holds kept noise that is still valid (for a layer:
+        made with its current factors; none recorded after a load or a copy)."""
+        for _, p, layer in self._drawn():
+            if PAIRED not in self.state.get(p, {}):
+                return False
+            if layer is not None:
+                factors = self._factors(layer)
+                if self._paired_factors.get(p, factors) is not factors:
+                    return False
+        return True
 
     def _noise(self, key: Tensor, shape: tuple[int, ...], dtype: torch.dtype,
                device: torch.device, generator: torch.Generator | None, flip: bool, keep: bool
@@ -79,15 +110,38 @@ class Sampling:
         if getattr(C, "name", None) == "dense" and self._draw_fused(layer, C.to_dense(), EKt,
                                                                      rho):
             return
-        noise = C.matmul(EKt)
+        self._swap_layer(layer, C.matmul(EKt), rho)
+
+    def _draw_paired(self, layer: kfac.Layer, rho: float, generator: torch.Generator | None,
+                     partner: bool) -> None:
+        """``antithetic="steps"``: ``W = μ − ρ N`` with the kept noise product ``N`` of the
+        previous training draw (``partner``), or a new ``N = C E Kᵀ``, kept, and
+        ``W = μ + ρ N``."""
+        state = self.state[layer.weight]
+        kept = state.pop(PAIRED, None)
+        self._paired_factors.pop(layer.weight, None)
+        if partner:
+            self._swap_layer(layer, kept, -rho)
+            return
+        factors = self._factors(layer)
+        K, C = factors.K, factors.C
+        E = self._noise(layer.weight, (C.dim, K.dim), C.dtype, layer.weight.device, generator,
+                        False, False)
+        noise = C.matmul(_cast(K.matmul_rows(_cast(E, K.dtype)), C.dtype))  # C E Kᵀ
+        state[PAIRED] = noise
+        self._paired_factors[layer.weight] = factors
+        self._swap_layer(layer, noise, rho)
+
+    def _swap_layer(self, layer: kfac.Layer, noise: Tensor, scale: float) -> None:
+        """Swap ``[W, b] = μ + scale · noise`` into the layer (``noise``: ``d_o × d_K``)."""
         weight = layer.weight
         if layer.bias is None:
-            self._swap(weight, noise.view(weight.shape), rho)
-        else:
-            part = noise[:, :-1]
-            self._swap(weight, part if part.shape == weight.shape else part.reshape(weight.shape),
-                       rho)
-            self._swap(layer.bias, noise[:, -1], rho)
+            self._swap(weight, noise.view(weight.shape), scale)
+            return
+        part = noise[:, :-1]
+        self._swap(weight, part if part.shape == weight.shape else part.reshape(weight.shape),
+                   scale)
+        self._swap(layer.bias, noise[:, -1], scale)
 
     def _draw_fused(self, layer: kfac.Layer, C: Tensor, EKt: Tensor, rho: float) -> bool:
         """``W = μ + ρ C (E Kᵀ)`` for a dense ``C`` with the addition fused into the product
@@ -115,8 +169,11 @@ class Sampling:
         return True
 
     def _draw_diagonal(self, p: Tensor, group: dict[str, Any], rho: float,
-                       generator: torch.Generator | None, flip: bool, keep: bool) -> None:
-        """``θ + ρ ε / √(h + λ)`` with ``h = v + β^t`` (1 before the first step)."""
+                       generator: torch.Generator | None, flip: bool, keep: bool,
+                       pair: bool = False, partner: bool = False) -> None:
+        """``θ + ρ ε / √(h + λ)`` with ``h = v + β^t`` (1 before the first step); ``pair``
+        (``antithetic="steps"``): ``ε`` is the negation of the kept one (``partner``), or a
+        new one that is kept."""
         state = self.state.get(p, {})
         dtype = torch.promote_types(p.dtype, torch.float32)
         h = torch.ones((), dtype=dtype, device=p.device)
@@ -124,7 +181,13 @@ class Sampling:
             t = int(state["step"])
             h = state["exp_avg_sq"].to(dtype) + group["beta2"] ** t
         std = (h + group["damping"]).rsqrt()
-        E = self._noise(p, tuple(p.shape), dtype, p.device, generator, flip, keep)
+        kept = self.state[p].pop(PAIRED, None) if pair else None
+        if partner:
+            E = -kept
+        else:
+            E = self._noise(p, tuple(p.shape), dtype, p.device, generator, flip, keep)
+            if pair:
+                self.state[p][PAIRED] = E
         self._swap(p, E * std, rho)
 
     def _swap(self, p: Tensor, noise: Tensor, scale: float) -> None:

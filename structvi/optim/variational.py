@@ -103,7 +103,14 @@ class VariationalNGD(Sampling, StructuredNGD):
     ``opt.zero_grad()`` or by setting them to ``None``: with ``mc_samples=1`` a draw's gradients
     are kept without a copy, and zeroing them in place elsewhere (``model.zero_grad(
     set_to_none=False)``) before a second draw of the same step raises an error. With
-    ``antithetic=True`` draws alternate ``E, −E``. ``step(closure)`` runs ``closure`` (which
+    ``antithetic=True`` draws alternate ``E, −E`` within a step; with ``antithetic="steps"``
+    consecutive training draws pair up whatever step they belong to (with one draw per step:
+    the draws of steps ``t`` and ``t+1``), and the second of a pair reuses the first's noise
+    product ``N = C E Kᵀ``: ``W = μ − ρN`` around the *current* mean, with no new random
+    numbers and no factor products (half the draw cost). Each draw is still exactly
+    ``N(μ, Σ)``; a factor update between the two starts a new pair. The unpaired noise is
+    kept in the state (key ``"paired_noise"``, one weight-sized tensor per parameter), so a
+    ``state_dict`` round trip continues the pairs. ``step(closure)`` runs ``closure`` (which
     zeroes gradients, computes the loss and calls ``backward``) ``mc_samples`` times, each in a
     training draw, and returns the mean loss. A ``step()`` without training draws uses the
     gradient at the mean (with a warning).
@@ -116,7 +123,9 @@ class VariationalNGD(Sampling, StructuredNGD):
         prior_precision: ``δ`` of the prior ``N(0, δ⁻¹I)`` (``0``: flat prior).
         temperature: ``τ`` (1: Bayesian posterior; 0: no noise, plain optimization).
         mc_samples: training draws per ``step(closure)``; the loop above uses it as a count.
-        antithetic: alternate ``E`` and ``−E`` in consecutive training draws of a step.
+        antithetic: ``True``: alternate ``E`` and ``−E`` in consecutive training draws of a
+            step; ``"steps"``: in consecutive training draws across steps, reusing the noise
+            product (see **Training draws**); ``False`` (default): independent draws.
         preconditioner_dtype: ``"auto"`` (default) keeps ``K, C`` in float32 when a parameter is
             bf16/fp16 and in the weight dtype otherwise; or a pair as in StructuredNGD.
         momentum_dtype: ``"auto"`` (default): float32 momenta for bf16/fp16 parameters.
@@ -146,7 +155,7 @@ class VariationalNGD(Sampling, StructuredNGD):
     def __init__(
         self, model: nn.Module, params: Iterable[Any] | None = None, *, data_size: float,
         prior_precision: float = 1.0, temperature: float = 1.0, mc_samples: int = 1,
-        antithetic: bool = False, preconditioner_dtype: Any = "auto",
+        antithetic: bool | str = False, preconditioner_dtype: Any = "auto",
         momentum_dtype: Any = "auto", master_means: bool | None = None,
         extra_damping: float = 0.0, **kwargs: Any,
     ) -> None:
@@ -156,8 +165,9 @@ class VariationalNGD(Sampling, StructuredNGD):
                             f"damping={kwargs['damping']!r}")
         if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
             raise ValueError(f"mc_samples must be an integer >= 1, got mc_samples={mc_samples!r}")
-        if not isinstance(antithetic, bool):
-            raise ValueError(f"antithetic must be a bool, got antithetic={antithetic!r}")
+        if not isinstance(antithetic, bool) and antithetic != "steps":
+            raise ValueError(f"antithetic must be True, False or 'steps', got "
+                             f"antithetic={antithetic!r}")
         self._prior_defaults = dict(data_size=data_size, prior_precision=prior_precision,
                                     temperature=temperature, extra_damping=extra_damping)
         self._check_prior(self._prior_defaults, "")
@@ -167,6 +177,8 @@ class VariationalNGD(Sampling, StructuredNGD):
         self._borrowed: dict[Tensor, Tensor] = {}  # p → the draw's p.grad kept uncopied
         self._synced: dict[Tensor, tuple] = {}  # p → (master, version, data) when p = master
         self._last_noise: dict[Tensor, Tensor] = {}  # antithetic: the previous draw's noise
+        # antithetic="steps": weight → the factors its kept noise product was made with
+        self._paired_factors: dict[Tensor, Any] = {}
         self._train_draws = 0
         half = any(p.dtype in HALF for p in model.parameters() if p.requires_grad)
         if master_means is not None and not isinstance(master_means, bool):
@@ -236,9 +248,11 @@ class VariationalNGD(Sampling, StructuredNGD):
         if self._means:
             raise RuntimeError("sampled_params: already inside a sampled_params block; "
                                "exit it before drawing again")
-        flip = train and self.antithetic and self._train_draws % 2 == 1
+        within = self.antithetic is True
+        flip = train and within and self._train_draws % 2 == 1
         try:
-            self._draw(generator, flip=flip, keep=train and self.antithetic)
+            self._draw(generator, flip=flip, keep=train and within,
+                       pair=train and self.antithetic == "steps")
             yield
         finally:
             for p, mean in self._means.items():
@@ -331,7 +345,13 @@ class VariationalNGD(Sampling, StructuredNGD):
         and are not copied (a copy re-checks its masters once)."""
         state = super().__getstate__()
         state["_synced"] = {}
+        state["_paired_factors"] = {}  # a copy trusts its kept noise, as after a load
         return state
+
+    def _after_load(self) -> None:
+        """As the base class; the loaded kept noise belongs to the loaded factors."""
+        super()._after_load()
+        self._paired_factors.clear()
 
     # ------------------------------------------------------------------ inspection
     def posterior_covariance(self, module: nn.Module) -> Tensor:
