@@ -1,8 +1,9 @@
 """The optimizer side of the acceptance rule: gathering magnitudes, applying verdicts, checks.
 
 The rule itself is :func:`structvi.optim.functional.screen` (pure, on numbers). Here the shell
-gathers what it needs in **one** host synchronization per step — squared gradient norms (in
-float64, so a 1e20 spike does not overflow), the largest entry and the trace of each statistic —
+gathers what it needs in **one** host synchronization per step — gradient norms (in float32;
+one that is not finite is recomputed in float64, so a 1e20 spike that overflows ``‖g‖²`` is
+told from a non-finite gradient), the largest entry and the trace of each statistic —
 decides whether the step runs at all, and keeps the verdicts for the update. Also: the checks of
 group values when ``step()`` reads them, of ``params`` against ``model``, and the release of
 hooks.
@@ -141,10 +142,11 @@ def _gather(opt: StructuredNGD) -> tuple[list[_Entry], list[float]]:
     statistics on steps that update the preconditioner) and ``[‖∇‖²]`` for a parameter."""
     entries: list[_Entry] = []
     grads: list[Tensor] = []
-    values: list[Tensor] = []
+    values: list[Tensor | None] = []  # None: an unknown backward norm (-1 on the host)
+    layers, biases, state = opt._layers, opt._biases, opt.state
     for group in opt.param_groups:
         for p in group["params"]:
-            layer = opt._layers.get(p)
+            layer = layers.get(p)
             if layer is not None:
                 if p.grad is None:
                     continue
@@ -153,27 +155,32 @@ def _gather(opt: StructuredNGD) -> tuple[list[_Entry], list[float]]:
                 entry = _Entry(p, "", group, 0, layer=layer)  # named only if needed
                 entry.grads = list(range(len(grads), len(grads) + len(parts)))
                 grads += [q.grad for q in parts]
-                backward = [opt._backward_norms.get(q) for q in parts]
                 entry.values.append(len(values))
-                values.append(sum(backward) if all(b is not None for b in backward)
-                              else _unknown(p.device))
+                norms = opt._backward_norms
+                backward = [norms.get(q) for q in parts] if norms else [None]
+                values.append(sum(backward) if all(b is not None for b in backward) else None)
                 stats = opt._stats.get(p)
-                step = int(opt.state[p]["step"])
-                if stats is not None and step % group["T"] == 0:
-                    F.schedule(group["lr_cov"], step)  # a bad schedule value fails before changes
-                    H_K, H_C = stats.finalize()
+                if stats is not None and int(state[p]["step"]) % group["T"] == 0:
+                    F.schedule(group["lr_cov"], int(state[p]["step"]))  # a bad schedule fails
+                    H_K, H_C = stats.finalize()                          # before any change
                     entry.stats = (H_K, H_C)
                     entry.values += range(len(values), len(values) + 4)
-                    values += [H_K.max_abs().double(), H_K.trace().double(),
-                               H_C.max_abs().double(), H_C.trace().double()]
+                    values += [H_K.max_abs(), H_K.trace(), H_C.max_abs(), H_C.trace()]
                 entries.append(entry)
-            elif p not in opt._biases and p.grad is not None:
+            elif p not in biases and p.grad is not None:
                 entry = _Entry(p, "", group, 0)  # named only if needed
                 entry.grads = [len(grads)]
                 grads.append(p.grad)
                 entries.append(entry)
-    gathered = _to_host(_grad_norms(grads) + values)  # the step's one host synchronization
-    norms, others = gathered[:len(grads)], gathered[len(grads):]
+    known = [v for v in values if v is not None]
+    gathered = _to_host(_grad_norms(grads) + known)  # the step's one host synchronization
+    norms, known_host = gathered[:len(grads)], iter(gathered[len(grads):])
+    others = [-1.0 if v is None else next(known_host) for v in values]
+    bad = [i for i, n in enumerate(norms) if not math.isfinite(n)]
+    if bad:  # overflow of the float32 norm, or a non-finite gradient: decide in float64
+        exact = _to_host([squared_norm(grads[i]).sqrt() for i in bad])
+        for i, n in zip(bad, exact):
+            norms[i] = n
     host: list[float] = []
     for e in entries:
         e.start = len(host)
@@ -186,29 +193,20 @@ def _gather(opt: StructuredNGD) -> tuple[list[_Entry], list[float]]:
 
 
 def _grad_norms(grads: list[Tensor]) -> list[Tensor]:
-    """``‖g‖`` of every gradient in float64, one fused call per device (no synchronization)."""
+    """``‖g‖`` of every gradient, one fused call per device and precision (no synchronization):
+    in float32 for float32 and narrower gradients (a non-finite result, which may be an
+    overflow of ``‖g‖²``, is recomputed in float64 by the caller), in float64 for float64."""
     out: list[Tensor] = [None] * len(grads)  # type: ignore[list-item]
-    by_device: dict[torch.device, list[int]] = {}
+    by_kind: dict[tuple[torch.device, bool], list[int]] = {}
     for i, g in enumerate(grads):
-        by_device.setdefault(g.device, []).append(i)
-    for indices in by_device.values():
+        by_kind.setdefault((g.device, g.dtype == torch.float64), []).append(i)
+    for (_, wide), indices in by_kind.items():
         with torch.no_grad():
-            norms = torch._foreach_norm([grads[i] for i in indices], 2, dtype=torch.float64)
+            norms = torch._foreach_norm([grads[i] for i in indices], 2,
+                                        dtype=torch.float64 if wide else torch.float32)
         for i, n in zip(indices, norms):
             out[i] = n
     return out
-
-
-_UNKNOWN: dict[torch.device, Tensor] = {}
-
-
-def _unknown(device: torch.device) -> Tensor:
-    """``-1`` (no backward norm recorded) as a float64 0-d tensor on ``device`` (one per device,
-    never written: it is only stacked)."""
-    value = _UNKNOWN.get(device)
-    if value is None:
-        value = _UNKNOWN[device] = torch.full((), -1.0, dtype=torch.float64, device=device)
-    return value
 
 
 def _to_host(values: list[Tensor]) -> list[float]:
@@ -218,7 +216,7 @@ def _to_host(values: list[Tensor]) -> list[float]:
     for i, v in enumerate(values):
         by_device.setdefault(v.device, []).append(i)
     for indices in by_device.values():
-        host = torch.stack([values[i] for i in indices]).cpu().tolist()
+        host = torch.stack([values[i] for i in indices]).tolist()
         for i, v in zip(indices, host):
             out[i] = v
     return out

@@ -207,3 +207,23 @@ def test_the_skip_warning_names_the_parameter():
                                             r"statistics of parameter '1.weight' are not finite"):
         opt.step()
     assert opt.skipped_steps == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_float32_norm_overflow_is_clipped_not_skipped(dtype):
+    """The screen takes gradient norms in float32; a finite gradient whose ``‖g‖²`` overflows
+    float32 (entries of 1e20) must still be told from a non-finite one (recomputed in float64)
+    and clipped like any spike: the step runs, the parameters stay finite."""
+    net = mlp(dtype=dtype)
+    opt = StructuredNGD(net, lr=0.01, T=1, lr_cov=0.05)
+    for x, y in batches((4, 3, 5), 4, 5, dtype=dtype):
+        opt.zero_grad()
+        seq_loss(net, x, y).backward()
+        opt.step()
+    opt.zero_grad()
+    seq_loss(net, x, y).backward()
+    for p in net.parameters():
+        p.grad.fill_(1e20)  # finite in float32 and bf16; ‖g‖ = 1e20·√n overflows float32
+    opt.step()
+    assert opt.skipped_steps == 0 and opt.clipped_steps == 1
+    assert all(torch.isfinite(p).all() for p in net.parameters())
