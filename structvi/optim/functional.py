@@ -39,6 +39,7 @@ __all__ = [
     "gram_product",
     "gram_project",
     "momentum_step",
+    "momentum_steps",
     "precondition",
     "schedule",
     "screen",
@@ -311,6 +312,36 @@ def momentum_step(
         torch.add(_cast(direction, buffer.dtype), buffer, alpha=momentum, out=buffer)
         direction = buffer
     param.add_(_cast(direction, param.dtype), alpha=-lr)
+
+
+def momentum_steps(
+    params: list[Tensor], directions: list[Tensor], buffers: list[Tensor | None], *, lr: float,
+    momentum: float, weight_decay: float,
+) -> None:
+    """:func:`momentum_step` for many parameters of one group, bit for bit, in a few fused
+    (``torch._foreach_*``) calls for those whose parameter, direction and buffer share a dtype
+    and device (one call per parameter otherwise). ``directions`` may be overwritten."""
+    batches: dict[tuple, list[int]] = {}
+    for i, (param, direction, buffer) in enumerate(zip(params, directions, buffers)):
+        kinds = {param.dtype, direction.dtype} | ({buffer.dtype} if buffer is not None else set())
+        devices = {param.device, direction.device} | (
+            {buffer.device} if buffer is not None else set())
+        if len(kinds) == 1 and len(devices) == 1:
+            batches.setdefault((param.dtype, param.device, buffer is None), []).append(i)
+        else:
+            momentum_step(param, direction, buffer, lr=lr, momentum=momentum,
+                          weight_decay=weight_decay)
+    for indices in batches.values():
+        ps = [params[i] for i in indices]
+        ds = [directions[i] for i in indices]
+        if weight_decay != 0.0:
+            ds = torch._foreach_add(ds, ps, alpha=weight_decay)
+        if buffers[indices[0]] is not None:  # m ← d + α₂ m (as torch.add(d, m, alpha=α₂))
+            bs = [buffers[i] for i in indices]
+            torch._foreach_add_(ds, bs, alpha=momentum)
+            torch._foreach_copy_(bs, ds)
+            ds = bs
+        torch._foreach_add_(ps, ds, alpha=-lr)
 
 
 def diagonal_step(

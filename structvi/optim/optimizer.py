@@ -451,11 +451,14 @@ class StructuredNGD(Lifecycle, Optimizer):
         try:
             for group in self.param_groups:
                 with F.autocast_off(group["params"]):
+                    moves: tuple[list, list, list] = ([], [], [])  # the group's momentum steps
                     for p in group["params"]:
                         if p in self._layers:
-                            self._layer_step(self._layers[p], group, scale)
+                            self._layer_step(self._layers[p], group, scale, moves)
                         elif p not in self._biases and p.grad is not None:
                             self._diagonal_step(p, group, scale)
+                    F.momentum_steps(*moves, lr=group["lr"], momentum=group["momentum"],
+                                     weight_decay=group["weight_decay"])
         finally:
             self._verdicts.clear()
             self._screened.clear()
@@ -478,7 +481,11 @@ class StructuredNGD(Lifecycle, Optimizer):
         scale = 1.0 if grad_scale is None else float(grad_scale)
         return scale, found_inf is not None and bool(found_inf)
 
-    def _layer_step(self, layer: kfac.Layer, group: dict[str, Any], scale: float) -> None:
+    def _layer_step(self, layer: kfac.Layer, group: dict[str, Any], scale: float,
+                    moves: tuple[list, list, list] | None = None) -> None:
+        """Precondition the layer's gradient and take its momentum step: now, or appended to
+        ``moves`` (``(params, directions, buffers)``) for the group's fused momentum step when
+        the direction does not live in the shared scratch buffer (the next layer reuses it)."""
         state = self.state[layer.weight]
         stats = self._stats.pop(layer.weight, None)
         if layer.weight.grad is None:
@@ -504,12 +511,17 @@ class StructuredNGD(Lifecycle, Optimizer):
         if group["normalize_preconditioner"]:
             direction = self._normalize(layer, group, factors, direction, step)
         parts = (direction,) if layer.bias is None else (direction[:, :-1], direction[:, -1])
+        later = moves is not None and not _shares_memory(direction, G)
         for param, part in zip((layer.weight, layer.bias), parts):
             if part.shape != param.shape:  # conv weights: the flattened rows
                 part = part.reshape(param.shape)
-            F.momentum_step(param, part, self._momentum_buffer(param, group),
-                            lr=group["lr"], momentum=group["momentum"],
-                            weight_decay=group["weight_decay"])
+            buffer = self._momentum_buffer(param, group)
+            if later:
+                for batch, item in zip(moves, (param, part, buffer)):
+                    batch.append(item)
+            else:
+                F.momentum_step(param, part, buffer, lr=group["lr"],
+                                momentum=group["momentum"], weight_decay=group["weight_decay"])
         set_counters(state, step + 1, scale)
         robust.write_running(state, verdict)
         self._sync_collecting(layer, step + 1)
@@ -615,3 +627,8 @@ class StructuredNGD(Lifecycle, Optimizer):
                         beta2=group["beta2"],
                         eps=group["eps"], weight_decay=group["weight_decay"])
         robust.write_running(state, verdict)
+
+
+def _shares_memory(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a`` and ``b`` are views of one storage."""
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()

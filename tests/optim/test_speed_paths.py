@@ -1,6 +1,7 @@
 """The fast paths of the optimizer give the results of the general paths: the dense factor
-update (bit for bit the structure-API update) and the group checks skipped for unchanged
-groups (a changed value is still validated)."""
+update (bit for bit the structure-API update), the fused momentum steps of a group (bit for
+bit one step per parameter) and the group checks skipped for unchanged groups (a changed value
+is still validated)."""
 
 from __future__ import annotations
 
@@ -90,3 +91,26 @@ def test_group_values_changed_after_a_checked_step_are_checked_again():
     opt.param_groups[0]["preconditioner_dtype"][0] = "float32"
     with pytest.raises(ValueError, match=r"preconditioner_dtype must be a pair"):
         step()
+
+
+@pytest.mark.parametrize("momentum, weight_decay", [(0.9, 0.0), (0.9, 1e-2), (0.0, 0.0),
+                                                    (0.0, 1e-2)])
+def test_fused_momentum_steps_are_the_per_parameter_steps_bit_for_bit(momentum, weight_decay):
+    g = torch.Generator().manual_seed(0)
+    # float32 batch, float64 batch, a bf16 parameter with float32 buffer (per-parameter path)
+    dtypes = [(torch.float32,) * 3, (torch.float32,) * 3, (torch.float64,) * 3,
+              (torch.bfloat16, torch.bfloat16, torch.float32)]
+    made = []
+    for (p_dtype, d_dtype, b_dtype), shape in zip(dtypes, [(5, 3), (4,), (3, 3), (6,)]):
+        param = torch.randn(shape, generator=g).to(p_dtype)
+        direction = torch.randn(shape, generator=g).to(d_dtype)
+        buffer = torch.randn(shape, generator=g).to(b_dtype) if momentum else None
+        made.append((param, direction, buffer))
+    ref = [(p.clone(), d.clone(), None if b is None else b.clone()) for p, d, b in made]
+    kw = dict(lr=0.1, momentum=momentum, weight_decay=weight_decay)
+    for p, d, b in ref:
+        F.momentum_step(p, d, b, **kw)
+    F.momentum_steps(*map(list, zip(*made)), **kw)
+    for (p, _, b), (p_ref, _, b_ref) in zip(made, ref):
+        assert torch.equal(p, p_ref)
+        assert b is None or torch.equal(b, b_ref)
