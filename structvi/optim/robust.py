@@ -120,9 +120,17 @@ def _running(state: dict[str, Any], size: int) -> tuple[float, ...]:
 
 
 def write_running(state: dict[str, Any], verdict: F.Screen) -> None:
-    """Store the verdict's running means (a float64 CPU tensor in the parameter's state)."""
-    if verdict.running:
-        state[RUNNING_KEY] = torch.tensor(verdict.running, dtype=torch.float64)
+    """Store the verdict's running means (a float64 CPU tensor in the parameter's state,
+    written in place when it is there, as the step counters are)."""
+    running = verdict.running
+    if not running:
+        return
+    held = state.get(RUNNING_KEY)
+    if (isinstance(held, Tensor) and held.dtype == torch.float64 and held.device.type == "cpu"
+            and held.shape == (len(running),) and not held.requires_grad):
+        held.numpy()[:] = running
+    else:
+        state[RUNNING_KEY] = torch.tensor(running, dtype=torch.float64)
 
 
 class _Entry:
@@ -196,6 +204,14 @@ def _grad_norms(grads: list[Tensor]) -> list[Tensor]:
     """``‖g‖`` of every gradient, one fused call per device and precision (no synchronization):
     in float32 for float32 and narrower gradients (a non-finite result, which may be an
     overflow of ``‖g‖²``, is recomputed in float64 by the caller), in float64 for float64."""
+    if not grads:
+        return []
+    first = grads[0]
+    wide = first.dtype == torch.float64
+    if all(g.device == first.device and (g.dtype == torch.float64) == wide for g in grads):
+        with torch.no_grad():  # the usual case: one device, one precision
+            return list(torch._foreach_norm(grads, 2, dtype=torch.float64 if wide
+                                            else torch.float32))
     out: list[Tensor] = [None] * len(grads)  # type: ignore[list-item]
     by_kind: dict[tuple[torch.device, bool], list[int]] = {}
     for i, g in enumerate(grads):
@@ -211,6 +227,11 @@ def _grad_norms(grads: list[Tensor]) -> list[Tensor]:
 
 def _to_host(values: list[Tensor]) -> list[float]:
     """All values as floats with one transfer per device."""
+    if not values:
+        return []
+    device = values[0].device
+    if all(v.device == device for v in values):
+        return torch.stack(values).tolist()
     out: list[float] = [0.0] * len(values)
     by_device: dict[torch.device, list[int]] = {}
     for i, v in enumerate(values):
