@@ -3,20 +3,20 @@
 One training step (``zero_grad``, a training draw where the method has one, forward, backward,
 ``step``) of the digits MLP (64-128-128-10) and CNN of ``benchmarks/bayesian_digits.py``, batch
 64, in float32 and with bf16 parameters, for IVON, StructuredNGD-dense (non-variational) and
-VariationalNGD with dense and diagonal factors (the configurations of the bayesian_digits table;
-``T = 10``, so every timed window holds the same number of preconditioner updates). All
-(model, precision, method) configurations are timed interleaved, round after round, and each
-keeps its fastest round; the clock is the process's CPU time (``--clock wall``: elapsed time).
-Reported: milliseconds per step (fastest round) and the ratio to IVON's at the same model and
-precision, as fastest over fastest and as the median over rounds of the ratio within a round
-(issue 14's goal: VariationalNGD ≤ 1.5× IVON). Next to VariationalNGD-dense: its compute
-floors (the dense products of every step, and those plus one factor update per ``T`` steps).
+VariationalNGD with dense and diagonal factors (the configurations of the bayesian_digits table:
+a factor update every ``T = 20`` steps and training draws in antithetic pairs across steps; every
+timed window holds a whole number of factor-update periods). All (model, precision, method)
+configurations are timed interleaved, round after round, and each keeps its fastest round; the
+clock is the process's CPU time (``--clock wall``: elapsed time). Reported: milliseconds per step
+(fastest round) and the ratio to IVON's at the same model and precision, as fastest over fastest
+and as the median over rounds of the ratio within a round (issue 14's goal: VariationalNGD ≤ 1.5×
+IVON). Next to VariationalNGD-dense: its compute floors (the dense products of every step, and
+those plus one factor update per ``T`` steps).
 
-An option is timed next to the reported configurations: VariationalNGD-dense with ``T = 20``
-and ``lr_cov = 0.1`` (half as many factor updates, the same factor movement per step); the full
-run also trains it and the reported ``T = 10`` on the digits MLP (3 seeds, float32, as
-``benchmarks.bayesian_digits`` does) and reports test accuracy, NLL and ECE (``--no-quality``:
-timing only).
+The previous configuration is timed next to it: VariationalNGD-dense with ``T = 10``,
+``lr_cov = 0.05`` (the same factor movement per step) and independent draws. The full run also
+trains both on the digits MLP and CNN (12 seeds, float32, as ``benchmarks.bayesian_digits``
+does) and reports validation and test NLL, test ECE and accuracy (``--no-quality``: timing only).
 
 Run: ``python -m benchmarks.vngd_step [--quick]`` → ``benchmarks/results/vngd_step.{json,md}``
 (``--quick``: ``benchmarks/results/quick/``).
@@ -34,30 +34,33 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.bayesian_digits import METHODS, MODELS, run, train_step
+from benchmarks.bayesian_digits import METHODS, MODELS, VNGD, run, train_step
 from benchmarks.optim_digits import digits_split
 
-# the configurations reported in benchmarks/results/bayesian_digits.md for the MLP (the extra
+# the configurations of benchmarks/results/bayesian_digits.md (the first of each grid; the extra
 # factor damping γ = 1e-2 included: without it the repeated batch makes VariationalNGD-dense
-# diverge after ~300 steps, and skipped steps would be timed)
+# diverge, and skipped steps would be timed)
+_VNGD_CFG = dict(lr=1e-2, prior_precision=3.0, temperature=0.1, extra_damping=1e-2)
+PREVIOUS = dict(T=10, lr_cov=0.05, antithetic=False)  # before: T = 10, independent draws
 CONFIGS = {
-    "IVON": dict(lr=1.2, temperature=1.0, hess_init=1.0),
+    "IVON": dict(lr=1.2, temperature=0.5, hess_init=0.5),
     "StructuredNGD-dense": dict(lr=1e-2),
-    "VariationalNGD-dense": dict(lr=1e-2, prior_precision=3.0, temperature=0.3,
-                                 extra_damping=1e-2),
-    "VariationalNGD-diagonal": dict(lr=1e-2, prior_precision=3.0, temperature=0.1,
-                                    extra_damping=1e-2),
-    # an option, not the reported configuration: half as many factor updates at twice the
-    # factor step (the same preconditioner speed per step); its quality: QUALITY below
-    "VariationalNGD-dense T=20": dict(lr=1e-2, prior_precision=3.0, temperature=0.3,
-                                      extra_damping=1e-2, T=20, lr_cov=0.1),
+    "VariationalNGD-dense": _VNGD_CFG,
+    "VariationalNGD-diagonal": _VNGD_CFG,
+    "VariationalNGD-dense previous": {**_VNGD_CFG, **PREVIOUS},
 }
-T_DEFAULT = 10  # benchmarks.bayesian_digits.VNGD's T
+
+
+def setting(method: str, key: str):
+    """The value of ``key`` (``"T"``, ``"antithetic"``) a configuration trains with."""
+    return CONFIGS[method].get(key, VNGD[key])
 
 
 def factory(method: str):
-    """``METHODS``' factory of a configuration name (``"... T=20"``: the base method's)."""
+    """``METHODS``' factory of a configuration name (``"... previous"``: the base method's)."""
     return METHODS[method.split(" ")[0]][0]
+
+
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -101,10 +104,11 @@ def time_steps(configs: dict, steps: int, rounds: int, warmup: int = 10,
     return times
 
 
-def dense_products_s(model_name: str, rounds: int, reps: int = 50) -> float:
+def dense_products_s(model_name: str, rounds: int, reps: int = 50) -> tuple[float, float]:
     """Seconds of the dense-factor products a VariationalNGD-dense step cannot avoid, in float32:
-    the draw ``C (K Eᵀ)ᵀ`` and the preconditioning ``CCᵀ (G KKᵀ)`` of every layer (the factor
-    updates every ``T`` steps and all overhead excluded): with IVON's step, a lower bound."""
+    ``(draw, preconditioning)``, the draw ``C (K Eᵀ)ᵀ`` and the preconditioning ``CCᵀ (G KKᵀ)``
+    of every layer (the factor updates every ``T`` steps and all overhead excluded): with IVON's
+    step, a lower bound."""
     from structvi.optim.kfac import is_supported, layer_dims
 
     mats = []
@@ -113,12 +117,15 @@ def dense_products_s(model_name: str, rounds: int, reps: int = 50) -> float:
             d_K, d_C = layer_dims(module, module.bias is not None)
             mats.append([torch.randn(*shape) for shape in ((d_K, d_K), (d_C, d_C), (d_C, d_K))])
 
-    def products() -> None:
+    def draw() -> None:
         for K, C, E in mats:
             C @ (K @ E.T).T
+
+    def precondition() -> None:
+        for K, C, E in mats:
             C @ (E @ K)
 
-    return _fastest(products, rounds, reps)
+    return _fastest(draw, rounds, reps), _fastest(precondition, rounds, reps)
 
 
 def update_products_s(model_name: str, rounds: int, reps: int = 20) -> float:
@@ -152,24 +159,26 @@ def _fastest(products, rounds: int, reps: int) -> float:
     return best
 
 
-QUALITY = ("VariationalNGD-dense", "VariationalNGD-dense T=20")
-QUALITY_MODEL = "MLP 64-128-128-10"
+QUALITY = ("VariationalNGD-dense", "VariationalNGD-dense previous")
+QUALITY_SEEDS = tuple(range(12))
 
 
-def t_quality(seeds: tuple[int, ...] = (0, 1, 2), epochs: int = 30) -> dict:
-    """Test accuracy, NLL and ECE (mean, std over ``seeds``) of the :data:`QUALITY`
-    configurations on the digits MLP in float32, trained as in ``benchmarks.bayesian_digits``
-    (its ``run``: 30 epochs, cosine schedule, 32-draw Bayesian model average)."""
-
+def t_quality(seeds: tuple[int, ...] = QUALITY_SEEDS, epochs: int = 30) -> dict:
+    """Validation and test NLL, test ECE and accuracy (mean, std over ``seeds``) of the
+    :data:`QUALITY` configurations on both digits models in float32, trained as in
+    ``benchmarks.bayesian_digits`` (its ``run``: 30 epochs, cosine schedule, 32-draw Bayesian
+    model average)."""
     out = {}
-    for name in QUALITY:
-        runs = []
-        for seed in seeds:
-            torch.manual_seed(seed)
-            runs.append(run(QUALITY_MODEL, name.split(" ")[0], CONFIGS[name],
-                            digits_split(seed), epochs, seed, False))
-        out[name] = {k: (statistics.mean(r[k] for r in runs), statistics.stdev(r[k] for r in runs))
-                     for k in ("acc", "nll", "ece")}
+    for model_name in MODELS:
+        for name in QUALITY:
+            runs = []
+            for seed in seeds:
+                torch.manual_seed(seed)
+                runs.append(run(model_name, name.split(" ")[0], CONFIGS[name],
+                                digits_split(seed), epochs, seed, False))
+            out[f"{model_name}|{name}"] = {
+                k: (statistics.mean(r[k] for r in runs), statistics.stdev(r[k] for r in runs))
+                for k in ("val_nll", "nll", "ece", "acc")}
     return out
 
 
@@ -193,10 +202,11 @@ def markdown(table: list[dict], quality: dict | None = None) -> str:
              "`step / IVON`: fastest round over IVON's fastest; `median`: median over rounds of "
              "the ratio within a round.", "",
              "`floor`: IVON's step plus the float32 dense products VariationalNGD-dense cannot "
-             "avoid (the draw C(KEᵀ)ᵀ and the preconditioning CCᵀGKKᵀ of every layer; factor "
-             "updates and all overhead excluded), over IVON's step: a lower bound. `floor + "
-             "updates`: plus the float32 products of one factor update of every layer (KᵀK, M², "
-             "K h(M), KKᵀ per factor; the statistics excluded) divided by T.", "",
+             "avoid (the preconditioning CCᵀGKKᵀ of every layer, and its draw C(KEᵀ)ᵀ, every "
+             "second step with antithetic pairs; factor updates and all overhead excluded), over "
+             "IVON's step: a lower bound. `floor + updates`: plus the float32 products of one "
+             "factor update of every layer (KᵀK, M², K h(M), KKᵀ per factor; the statistics "
+             "excluded) divided by T.", "",
              "| model | precision | method | ms / step | step / IVON | median | floor | "
              "floor + updates |",
              "|---|---|---|---|---|---|---|---|"]
@@ -207,32 +217,37 @@ def markdown(table: list[dict], quality: dict | None = None) -> str:
                      f"{r['ms_per_step']:.3f} | {r['over_ivon']:.2f} | "
                      f"{r['over_ivon_median']:.2f} | {floor} | {floor_T} |")
     if quality:
-        lines += ["", f"Quality of the factor-update interval ({QUALITY_MODEL}, float32, seeds "
-                  "0-2, test split, 32-draw model average; mean ± std; `T=20` also doubles "
-                  "`lr_cov` to 0.1):", "",
-                  "| configuration | test acc | test NLL | ECE |", "|---|---|---|---|"]
-        for name, q in quality.items():
-            cells = " | ".join(f"{q[k][0]:.4f} ± {q[k][1]:.4f}" for k in ("acc", "nll", "ece"))
-            lines.append(f"| {name} (T={CONFIGS[name].get('T', T_DEFAULT)}) | {cells} |")
+        lines += ["", f"Quality of the two configurations (float32, seeds 0-{len(QUALITY_SEEDS) - 1}, "
+                  "validation and test splits, 32-draw model average; mean ± std over seeds). "
+                  "`previous`: T = 10, lr_cov = 0.05, independent draws; the other: T = 20, "
+                  "lr_cov = 0.1, antithetic pairs across steps:", "",
+                  "| model | configuration | val NLL | test NLL | ECE | test acc |",
+                  "|---|---|---|---|---|---|"]
+        for key, q in quality.items():
+            model_name, name = key.split("|")
+            cells = " | ".join(f"{q[k][0]:.4f} ± {q[k][1]:.4f}"
+                               for k in ("val_nll", "nll", "ece", "acc"))
+            lines.append(f"| {model_name} | {name} | {cells} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps and rounds")
-    parser.add_argument("--steps", type=int, default=None, help="steps per round (multiple of 10)")
+    parser.add_argument("--steps", type=int, default=None, help="steps per round (a multiple of 20, the factor-update interval)")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="cpu",
                         help="cpu: process CPU time (robust on a shared machine); wall: elapsed")
     parser.add_argument("--out", default=None, help="JSON path (default by mode)")
     parser.add_argument("--no-quality", action="store_true",
-                        help="skip the 3-seed quality comparison of T=10 and T=20 (MLP, fp32)")
+                        help="skip the 12-seed quality comparison with the previous "
+                             "configuration")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=".*no statistics were recorded.*")
     warnings.filterwarnings("ignore", message=".*outlier gradient.*")
-    steps, rounds = (10, 3) if args.quick else (20, 15)
+    steps, rounds = (20, 3) if args.quick else (20, 15)
     steps, rounds = args.steps or steps, args.rounds or rounds
     default = "benchmarks/results/" + ("quick/" if args.quick else "") + "vngd_step.json"
     out = Path(args.out or default)
@@ -242,8 +257,9 @@ def main(argv: list[str] | None = None) -> dict:
         if r["method"].startswith("VariationalNGD-dense"):
             ivon = next(q for q in table if q["method"] == "IVON" and q["model"] == r["model"]
                         and q["precision"] == r["precision"])
-            every, update = products[r["model"]]
-            T = CONFIGS[r["method"]].get("T", T_DEFAULT)
+            (draw, precondition), update = products[r["model"]]
+            every = precondition + draw / (2 if setting(r["method"], "antithetic") else 1)
+            T = setting(r["method"], "T")
             r["floor_over_ivon"] = 1.0 + 1e3 * every / ivon["ms_per_step"]
             r["floor_T_over_ivon"] = 1.0 + 1e3 * (every + update / T) / ivon["ms_per_step"]
     quality = None if args.quick or args.no_quality else t_quality()
