@@ -40,6 +40,7 @@ __all__ = [
     "gram_project",
     "momentum_step",
     "momentum_steps",
+    "precondition_parts",
     "precondition",
     "schedule",
     "screen",
@@ -282,6 +283,23 @@ def precondition(G: Tensor, K: Structure, C: Structure, KKt: Tensor | SparseGram
     return _cast(C.matmul(C.rmatmul(_cast(right, C.dtype))), G.dtype)
 
 
+def precondition_parts(grad_W: Tensor, grad_b: Tensor | None, KKt: Tensor, CCt: Tensor, *,
+                       scale: float = 1.0, factor: float = 1.0) -> Tensor:
+    """``C Cᵀ [∇W, ∇b] K Kᵀ · factor / scale`` for dense products, without forming
+    ``[∇W, ∇b]``: ``∇W (KKᵀ)[:-1] + ∇b ⊗ (KKᵀ)[-1]`` (one product and a rank-one update), then
+    ``CCᵀ ·``; computed in the products' dtypes, returned in ``∇W``'s dtype as a
+    ``(d_C, d_K)`` matrix (conv weights flattened)."""
+    G_W = _cast(grad_W.flatten(1), KKt.dtype)
+    if grad_b is None:
+        right = G_W @ KKt
+    else:
+        right = torch.addr(G_W @ KKt[:-1], _cast(grad_b, KKt.dtype), KKt[-1])
+    coef = factor / scale
+    if coef != 1.0:
+        right.mul_(coef)
+    return _cast(CCt @ _cast(right, CCt.dtype), grad_W.dtype)
+
+
 def _cast(x: Tensor, dtype: torch.dtype) -> Tensor:
     return x if x.dtype == dtype else x.to(dtype)
 
@@ -323,11 +341,15 @@ def momentum_steps(
     and device (one call per parameter otherwise). ``directions`` may be overwritten."""
     batches: dict[tuple, list[int]] = {}
     for i, (param, direction, buffer) in enumerate(zip(params, directions, buffers)):
-        kinds = {param.dtype, direction.dtype} | ({buffer.dtype} if buffer is not None else set())
-        devices = {param.device, direction.device} | (
-            {buffer.device} if buffer is not None else set())
-        if len(kinds) == 1 and len(devices) == 1:
-            batches.setdefault((param.dtype, param.device, buffer is None), []).append(i)
+        dtype, device = param.dtype, param.device
+        if (direction.dtype is dtype and direction.device == device and (
+                buffer is None or (buffer.dtype is dtype and buffer.device == device))):
+            key = (dtype, device, buffer is None)
+            batch = batches.get(key)
+            if batch is None:
+                batches[key] = [i]
+            else:
+                batch.append(i)
         else:
             momentum_step(param, direction, buffer, lr=lr, momentum=momentum,
                           weight_decay=weight_decay)

