@@ -284,11 +284,13 @@ def precondition(G: Tensor, K: Structure, C: Structure, KKt: Tensor | SparseGram
 
 
 def precondition_parts(grad_W: Tensor, grad_b: Tensor | None, KKt: Tensor, CCt: Tensor, *,
-                       scale: float = 1.0, factor: float = 1.0) -> Tensor:
+                       scale: float = 1.0, factor: float = 1.0, keep_dtype: bool = False
+                       ) -> Tensor:
     """``C Cᵀ [∇W, ∇b] K Kᵀ · factor / scale`` for dense products, without forming
     ``[∇W, ∇b]``: ``∇W (KKᵀ)[:-1] + ∇b ⊗ (KKᵀ)[-1]`` (one product and a rank-one update), then
-    ``CCᵀ ·``; computed in the products' dtypes, returned in ``∇W``'s dtype as a
-    ``(d_C, d_K)`` matrix (conv weights flattened)."""
+    ``CCᵀ ·``; computed in the products' dtypes and returned as a ``(d_C, d_K)`` matrix (conv
+    weights flattened) in ``∇W``'s dtype, or in ``CCᵀ``'s with ``keep_dtype`` (no rounding of
+    a float32 direction to a bf16 gradient's precision before a float32 momentum)."""
     G_W = _cast(grad_W.flatten(1), KKt.dtype)
     if grad_b is None:
         right = G_W @ KKt
@@ -297,7 +299,8 @@ def precondition_parts(grad_W: Tensor, grad_b: Tensor | None, KKt: Tensor, CCt: 
     coef = factor / scale
     if coef != 1.0:
         right.mul_(coef)
-    return _cast(CCt @ _cast(right, CCt.dtype), grad_W.dtype)
+    direction = CCt @ _cast(right, CCt.dtype)
+    return direction if keep_dtype else _cast(direction, grad_W.dtype)
 
 
 def _cast(x: Tensor, dtype: torch.dtype) -> Tensor:

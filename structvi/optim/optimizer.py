@@ -504,7 +504,8 @@ class StructuredNGD(Lifecycle, Optimizer):
             G = None
             direction = F.precondition_parts(weight.grad, None if layer.bias is None else (
                 layer.bias.grad if layer.bias.grad is not None else torch.zeros_like(
-                    layer.bias)), KKt, CCt, scale=scale, factor=verdict.grad_factor)
+                    layer.bias)), KKt, CCt, scale=scale, factor=verdict.grad_factor,
+                keep_dtype=isinstance(self.reducer, F.LocalReducer))  # all-reduced: grad dtype
         else:
             G = kfac.gradient_matrix(layer, scale, self._scratch_matrix(layer))
             if verdict.grad_factor != 1.0:
