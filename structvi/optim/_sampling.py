@@ -11,13 +11,12 @@
   its storage or version counter changed.
 
 The mixin uses the attributes ``VariationalNGD.__init__`` sets (``_means``, ``_grad_sum``,
-``_borrowed``, ``_synced``, ``_last_noise``, ``_train_draws``, ``mc_samples``,
+``_borrowed``, ``_synced``, ``_rounding``, ``_last_noise``, ``_train_draws``, ``mc_samples``,
 ``master_means``) and the base optimizer's tables (``_layers``, ``_biases``, ``state``).
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -283,21 +282,21 @@ class Sampling:
         address cannot be reused by another tensor)."""
         self._synced[p] = (master, p._version, p.data)
 
-    @contextlib.contextmanager
-    def _masters_in_place(self) -> Iterator[None]:
-        """During the base step, half-precision parameters hold their float32 masters."""
-        held = {}
-        if self.master_means:
-            for group in self.param_groups:
-                for p in group["params"]:
-                    master = self._master(p) if p.grad is not None else None
-                    if master is not None:
-                        held[p] = (p.dtype, master)
-                        p.data = master
-        try:
-            yield
-        finally:
-            for p, (dtype, master) in held.items():
-                p.data = p.data.to(dtype)
-                if p.data_ptr() != master.data_ptr():
-                    self._mark_synced(p, master)
+    def _target(self, p: Tensor) -> Tensor:
+        """The base step writes a half-precision parameter's float32 master (recorded for
+        :meth:`_round_masters`), any other parameter itself."""
+        master = self._master(p)
+        if master is None:
+            return p
+        self._rounding[p] = master
+        return master
+
+    def _round_masters(self) -> None:
+        """After the base step: every written master rounded into its parameter, in place."""
+        if not self._rounding:
+            return
+        params, masters = list(self._rounding), list(self._rounding.values())
+        self._rounding = {}
+        torch._foreach_copy_(params, masters)
+        for p, master in zip(params, masters):
+            self._mark_synced(p, master)

@@ -529,11 +529,11 @@ class StructuredNGD(Lifecycle, Optimizer):
                 part = part.reshape(param.shape)
             buffer = self._momentum_buffer(param, group)
             if later:
-                moves[0].append(param)
+                moves[0].append(self._target(param))
                 moves[1].append(part)
                 moves[2].append(buffer)
             else:
-                F.momentum_step(param, part, buffer, lr=group["lr"],
+                F.momentum_step(self._target(param), part, buffer, lr=group["lr"],
                                 momentum=group["momentum"], weight_decay=group["weight_decay"])
         set_counters(state, step + 1, scale)
         robust.write_running(state, verdict)
@@ -614,12 +614,17 @@ class StructuredNGD(Lifecycle, Optimizer):
         store_product(state, "C", factors.C)
         self._factor_cache[layer.weight] = factors
 
+    def _target(self, param: Tensor) -> Tensor:
+        """The tensor a step writes for ``param``: ``param`` itself (a subclass may keep a wider
+        master copy, written by the step and rounded into ``param`` afterwards)."""
+        return param
+
     def _momentum_buffer(self, param: Tensor, group: dict[str, Any]) -> Tensor | None:
         if group["momentum"] == 0.0:
             return None
         state = self.state[param]
         if "momentum_buffer" not in state:
-            dtype = group["momentum_dtype"] or param.dtype
+            dtype = group["momentum_dtype"] or self._target(param).dtype
             state["momentum_buffer"] = torch.zeros_like(param, dtype=dtype)
         return state["momentum_buffer"]
 
@@ -630,13 +635,14 @@ class StructuredNGD(Lifecycle, Optimizer):
             grad = grad * verdict.grad_factor
         grad = self.reducer.gradient(grad, group["loss_average"])
         state = self.state[param]
+        target = self._target(param)
         if "step" not in state:
-            dtype = group["momentum_dtype"] or param.dtype
+            dtype = group["momentum_dtype"] or target.dtype
             state.update(step=torch.tensor(0), exp_avg=torch.zeros_like(param, dtype=dtype),
                          exp_avg_sq=torch.zeros_like(param, dtype=dtype))
         step = int(state["step"]) + 1
         state["step"] = torch.tensor(step)
-        F.diagonal_step(param, grad, state["exp_avg"], state["exp_avg_sq"], step,
+        F.diagonal_step(target, grad, state["exp_avg"], state["exp_avg_sq"], step,
                         lr=group["lr"] * group["diagonal_lr_ratio"], momentum=group["momentum"],
                         beta2=group["beta2"],
                         eps=group["eps"], weight_decay=group["weight_decay"])

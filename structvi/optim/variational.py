@@ -176,6 +176,7 @@ class VariationalNGD(Sampling, StructuredNGD):
         self._grad_sum: dict[Tensor, Tensor] = {}
         self._borrowed: dict[Tensor, Tensor] = {}  # p → the draw's p.grad kept uncopied
         self._synced: dict[Tensor, tuple] = {}  # p → (master, version, data) when p = master
+        self._rounding: dict[Tensor, Tensor] = {}  # p → its master written by this step
         self._last_noise: dict[Tensor, Tensor] = {}  # antithetic: the previous draw's noise
         # antithetic="steps": weight → the factors its kept noise product was made with
         self._paired_factors: dict[Tensor, Any] = {}
@@ -290,10 +291,12 @@ class VariationalNGD(Sampling, StructuredNGD):
         self._last_noise.clear()
         self._amp_pending = amp
         try:
-            with self._masters_in_place(), torch.no_grad():
-                self._update()
+            with torch.no_grad():
+                self._update()  # half-precision parameters: their float32 masters are written
         finally:
             self.__dict__.pop("_amp_pending", None)
+            with torch.no_grad():
+                self._round_masters()
         return loss
 
     # No gradient-norm record (no gradient hooks are installed): :meth:`step` itself changes
