@@ -65,3 +65,28 @@ def test_top_grid_ranks_by_nll_averaged_over_models():
             for k, a, b in [(0, 0.1, 0.5), (1, 0.2, 0.2), (2, 0.05, 0.3), (3, 0.9, 0.0),
                             (4, 0.3, 0.3), (5, 0.1, 0.1), (6, 0.01, 0.01)]]
     assert [c["k"] for c in bd.top_grid(rows)] == [6, 5, 2, 1, 0, 4]
+
+
+def test_paired_comparison_counts_seeds_where_ours_is_better(monkeypatch):
+    """The paired check on more seeds: per seed ours − IVON, its mean and standard error, and
+    the count of seeds where ours is better (lower NLL and ECE, higher accuracy)."""
+    table = {("IVON", 3): (0.10, 0.02, 0.95), ("IVON", 4): (0.20, 0.01, 0.90),
+             ("VariationalNGD-dense", 3): (0.08, 0.03, 0.96),
+             ("VariationalNGD-dense", 4): (0.16, 0.005, 0.90)}
+
+    def fake_run(model_name, method, cfg, data, epochs, seed, bf16):
+        nll, ece, acc = table[method, seed]
+        return dict(nll=nll, ece=ece, acc=acc)
+
+    monkeypatch.setattr(bd, "run", fake_run)
+    monkeypatch.setattr(bd, "digits_split", lambda: None)
+    results = {"MLP": {"IVON": dict(config={}), "VariationalNGD-dense": dict(config={})}}
+    rows = bd.paired(results, [3, 4], epochs=1)
+    row = rows["MLP|VariationalNGD-dense|fp32"]
+    assert row["nll"]["mean"] == pytest.approx(-0.03) and row["nll"]["better"] == 2
+    assert row["nll"]["se"] == pytest.approx(0.01)  # stdev of (-0.02, -0.04) / √2
+    assert row["ece"]["better"] == 1 and row["acc"]["better"] == 1
+    assert row["acc"]["ours"] == pytest.approx(0.93) and row["acc"]["ivon"] == pytest.approx(0.925)
+    assert set(rows) == {f"MLP|VariationalNGD-dense|{p}" for p in ("fp32", "bf16")}
+    text = bd.paired_markdown(rows, [3, 4])
+    assert "| MLP | VariationalNGD-dense | fp32 | 0.120 / 0.150 | -0.030 ± 0.010 | 2/2 |" in text
