@@ -39,12 +39,16 @@ def _general(state, H_K, H_C, *, lr, alpha, damping, unscale, kfac_like, relativ
     return K, C, m_K, m_C
 
 
+@pytest.mark.parametrize("host", [False, True], ids=["device_scalars", "host_scalars"])
 @pytest.mark.parametrize("kfac_like,relative,trust",
                          list(itertools.product([False, True], [False, True], [None, 1.0])))
-def test_dense_update_matches_structure_path(kfac_like, relative, trust, monkeypatch):
-    """update_preconditioner's dense path = _directions + engine factor_step (bit for bit)."""
+def test_dense_update_matches_structure_path(kfac_like, relative, trust, host, monkeypatch):
+    """update_preconditioner's dense path = _directions + engine factor_step: bit for bit with
+    the scalar coefficients on the device (the GPU path), to rounding with them on the host
+    (the CPU path, float64: 1e-12)."""
     from structvi.optim import _dense_update
 
+    monkeypatch.setattr(_dense_update, "HOST_SCALARS", host)
     calls = []
     real = _dense_update.dense_update
     monkeypatch.setattr(_dense_update, "dense_update", lambda *a, **k: calls.append(1) or real(
@@ -64,7 +68,10 @@ def test_dense_update_matches_structure_path(kfac_like, relative, trust, monkeyp
             assert got is None
         else:
             assert got.spec() == want.spec()
-            assert torch.equal(got.to_dense(), want.to_dense())
+            if host:
+                assert torch.allclose(got.to_dense(), want.to_dense(), rtol=1e-12, atol=1e-14)
+            else:
+                assert torch.equal(got.to_dense(), want.to_dense())
 
 
 def test_group_values_changed_after_a_checked_step_are_checked_again():
@@ -114,3 +121,21 @@ def test_fused_momentum_steps_are_the_per_parameter_steps_bit_for_bit(momentum, 
     for (p, _, b), (p_ref, _, b_ref) in zip(made, ref):
         assert torch.equal(p, p_ref)
         assert b is None or torch.equal(b, b_ref)
+
+
+@pytest.mark.parametrize("fill", [0.0, 0.5, float("nan"), float("inf")])
+def test_host_trust_region_cap_handles_zero_nan_and_inf_like_the_device_path(fill):
+    """β = lr·min(1, c/(lr‖m‖_∞)): no cap for a zero or NaN norm (0/0 → 1), a zero step for an
+    infinite one, as the tensor formula gives on the device."""
+    from structvi.optim import _dense_update
+
+    factor = torch.eye(3, dtype=torch.float64)
+    nu = torch.full((3, 3), fill, dtype=torch.float64)
+    m = torch.zeros(3, 3, dtype=torch.float64)
+    kw = dict(lr=3.0, alpha=0.5, trust_region=1.0)
+    host, host_m = _dense_update._host_factor_step(factor, m, nu, **kw)
+    device, device_m = _dense_update._dense_factor_step(factor, m, nu, **kw)
+    assert torch.allclose(host_m, device_m, equal_nan=True)
+    assert torch.allclose(host, device, rtol=1e-12, equal_nan=True)
+    if fill == 0.0:
+        assert torch.equal(host, factor)  # no direction: the factor is unchanged
