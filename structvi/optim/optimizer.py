@@ -2,6 +2,7 @@ r"""``StructuredNGD``: the INGD/SINGD optimizer over :mod:`structvi.structures` 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import warnings
@@ -391,7 +392,9 @@ class StructuredNGD(Lifecycle, Optimizer):
         group = self.param_groups[self._group_index[layer.weight]]
         state = self.state[layer.weight]
         factors = self._factors(layer)
-        with torch.autocast(x.device.type, enabled=False):
+        autocast = (torch.autocast(x.device.type, enabled=False)
+                    if torch.is_autocast_enabled(x.device.type) else contextlib.nullcontext())
+        with autocast:  # the statistics in the factors' dtypes
             a = kfac.input_rows(x.to(factors.K.dtype), layer.module, group["kfac_approx"],
                                 layer.bias is not None)
             g, n_loss = kfac.grad_rows(grad.detach().to(factors.C.dtype), layer.module,

@@ -207,7 +207,12 @@ def test_zeroing_a_kept_gradient_in_place_outside_the_optimizer_is_an_error():
 
 
 def test_structured_ngd_screening_transfers_once_per_step(monkeypatch):
-    """The acceptance rule reads every gradient norm and statistic in one transfer."""
+    """The acceptance rule reads every gradient norm and statistic in one transfer (the
+    factor update's CPU path reads its scalars on the host, where that is no transfer: the
+    device path is checked)."""
+    from structvi.optim import _dense_update
+
+    monkeypatch.setattr(_dense_update, "HOST_SCALARS", False)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3), nn.LayerNorm(3))
     opt = StructuredNGD(model, T=1)
