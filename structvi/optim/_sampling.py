@@ -195,12 +195,14 @@ class Sampling:
         mean = p.data
         self._means[p] = mean
         master = self._master(p)
-        if master is not None:
-            p.data = torch.add(_cast(master, noise.dtype), noise, alpha=scale).to(mean.dtype)
+        if master is not None:  # added in float32, written rounded (one operation)
+            p.data = torch.add(_cast(master, noise.dtype), noise, alpha=scale,
+                               out=torch.empty_like(mean))
         elif noise.dtype == mean.dtype:
             p.data = torch.add(mean, noise, alpha=scale)
         else:  # low-precision parameter: add in the noise's (wider) dtype, round once
-            p.data = torch.add(mean.to(noise.dtype), noise, alpha=scale).to(mean.dtype)
+            p.data = torch.add(mean.to(noise.dtype), noise, alpha=scale,
+                               out=torch.empty_like(mean))
 
     def _collect_gradients(self) -> None:
         """Keep this draw's gradients for :meth:`step`.
