@@ -129,10 +129,12 @@ class Lifecycle:
         if layer.weight in self.state:
             self._sync_collecting(layer)
 
-    def _sync_collecting(self, layer: kfac.Layer, step: int | None = None) -> None:
+    def _sync_collecting(self, layer: kfac.Layer, step: int | None = None,
+                         group: dict[str, Any] | None = None) -> None:
         """Whether the layer's hooks record statistics before its next step (``t mod T = 0``;
-        ``step``: the layer's step count when the caller knows it)."""
-        group = self.param_groups[self._group_index[layer.weight]]
+        ``step``, ``group``: the layer's step count and group when the caller knows them)."""
+        if group is None:
+            group = self.param_groups[self._group_index[layer.weight]]
         T = group["T"]
         if step is None:
             step = int(self.state[layer.weight]["step"])

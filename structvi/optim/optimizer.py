@@ -505,10 +505,14 @@ class StructuredNGD(Lifecycle, Optimizer):
         KKt, CCt = state.get("KKt"), state.get("CCt")
         if KKt is not None and CCt is not None:  # dense products: [∇W, ∇b] is never formed
             G = None
-            direction = F.precondition_parts(weight.grad, None if layer.bias is None else (
-                layer.bias.grad if layer.bias.grad is not None else torch.zeros_like(
-                    layer.bias)), KKt, CCt, scale=scale, factor=verdict.grad_factor,
-                keep_dtype=isinstance(self.reducer, F.LocalReducer))  # all-reduced: grad dtype
+            grad_b = None if layer.bias is None else layer.bias.grad
+            if layer.bias is not None and grad_b is None:
+                grad_b = torch.zeros_like(layer.bias)
+            # single process: the direction stays in the products' dtype (float32 for bf16
+            # parameters); a reducer all-reduces it in the gradient's
+            direction = F.precondition_parts(
+                weight.grad, grad_b, KKt, CCt, scale=scale, factor=verdict.grad_factor,
+                keep_dtype=isinstance(self.reducer, F.LocalReducer))
         else:
             G = kfac.gradient_matrix(layer, scale, self._scratch_matrix(layer))
             if verdict.grad_factor != 1.0:
@@ -540,8 +544,7 @@ class StructuredNGD(Lifecycle, Optimizer):
                                 momentum=group["momentum"], weight_decay=group["weight_decay"])
         set_counters(state, step + 1, scale)
         robust.write_running(state, verdict)
-        T = group["T"]
-        self._collecting[layer.module] = isinstance(T, int) and T >= 1 and (step + 1) % T == 0
+        self._sync_collecting(layer, step + 1, group)
 
     def _normalize(self, layer: kfac.Layer, group: dict[str, Any], factors: F.FactorState,
                    direction: Tensor, step: int) -> Tensor:
