@@ -48,8 +48,8 @@ def cnn() -> nn.Module:
 # their grids in the benchmark
 IVON_SETTINGS = {"MLP": dict(lr=1.2, temperature=0.5, hess_init=0.5),
                  "CNN": dict(lr=1.6, temperature=0.3, hess_init=0.3)}
-VNGD_SETTINGS = {"MLP": dict(lr=1e-2, prior_precision=3.0, temperature=0.1),
-                 "CNN": dict(lr=1e-2, prior_precision=3.0, temperature=0.2)}
+VNGD_SETTINGS = {"MLP": dict(lr=1e-2, prior_precision=3.0, temperature=0.3),
+                 "CNN": dict(lr=1e-2, prior_precision=10.0, temperature=0.1)}
 
 
 def optimizers(n_train: int, model_name: str = "MLP") -> dict:
