@@ -78,13 +78,19 @@ def test_first_draw_of_a_pair_is_the_ordinary_draw():
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
 
 
-def test_prediction_draws_leave_the_pairs_alone():
+def _a_pair_started():
+    """A model and optimizer after the step-0 factor update and one draw that starts a pair
+    (``T`` large: no factor update after): ``(model, opt, X, y, gen, that draw's noise)``."""
     X, y = data()
     model = classifier()
     opt = VariationalNGD(model, antithetic="steps", data_size=48, lr=0.05, T=10**6)
     gen = torch.Generator().manual_seed(0)
     _step_with_noise(model, opt, X, y, gen)
-    kept = _step_with_noise(model, opt, X, y, gen)
+    return model, opt, X, y, gen, _step_with_noise(model, opt, X, y, gen)
+
+
+def test_prediction_draws_leave_the_pairs_alone():
+    model, opt, X, y, gen, kept = _a_pair_started()
     with torch.no_grad(), opt.sampled_params(generator=gen):  # a prediction draw in between
         model(X)
     partner = _step_with_noise(model, opt, X, y, gen)
@@ -92,12 +98,7 @@ def test_prediction_draws_leave_the_pairs_alone():
 
 
 def test_factors_replaced_from_outside_start_a_new_pair():
-    X, y = data()
-    model = classifier()
-    opt = VariationalNGD(model, antithetic="steps", data_size=48, lr=0.05, T=10**6)
-    gen = torch.Generator().manual_seed(0)
-    _step_with_noise(model, opt, X, y, gen)
-    kept = _step_with_noise(model, opt, X, y, gen)
+    model, opt, X, y, gen, kept = _a_pair_started()
     state = opt.state[model[0].weight]
     state["K.matrix"] = state["K.matrix"] * 1.5  # a new factor tensor: the kept product is stale
     after = _step_with_noise(model, opt, X, y, gen)
