@@ -68,13 +68,18 @@ def _dense_factor_step(factor: Tensor, m: Tensor, nu: Tensor, *, lr: float, alph
                ).clamp(max=1.0)
         beta = lr * cap.nan_to_num(nan=1.0)
     step = m * (-beta if isinstance(beta, float) else -beta.to(factor.dtype))
+    return _retract(factor, step), m
+
+
+def _retract(factor: Tensor, step: Tensor) -> Tensor:
+    """The quadratic retraction ``K (I + M + ½M²)`` of :meth:`Dense.retract` (``M = step``)."""
     if factor.dtype in (torch.float32, torch.float64) and step.dtype == factor.dtype:
         KM = factor @ step  # K + KM + ½(KM)M, as Dense.retract
-        return torch.addmm(factor + KM, KM, step, alpha=0.5), m
+        return torch.addmm(factor + KM, KM, step, alpha=0.5)
     h = step.clone()
     h.diagonal().add_(1.0)
     h.add_(0.5 * (step @ step))  # (I + M) + ½M², in the order of the structure path
-    return factor @ h, m
+    return factor @ h
 
 
 def _host_directions(K: Tensor, C: Tensor, H_K: Tensor, H_C: Tensor, *, damping: float,
@@ -112,14 +117,7 @@ def _host_factor_step(factor: Tensor, m: Tensor, nu: Tensor, *, lr: float, alpha
         scaled = lr * m.abs().sum(-1).max().item()  # β ‖m‖_∞ (largest absolute row sum)
         if scaled != 0.0 and not math.isnan(scaled):  # 0 or NaN: no cap needed (as 0/0 → 1)
             beta = lr * min(1.0, trust_region / scaled)
-    step = m * -beta
-    if factor.dtype in (torch.float32, torch.float64) and step.dtype == factor.dtype:
-        KM = factor @ step  # K + KM + ½(KM)M, as Dense.retract
-        return torch.addmm(factor + KM, KM, step, alpha=0.5), m
-    h = step.clone()
-    h.diagonal().add_(1.0)
-    h.add_(0.5 * (step @ step))
-    return factor @ h, m
+    return _retract(factor, m * -beta), m
 
 
 def dense_update(state: FactorState, H_K: Structure, H_C: Structure, *, lr: float,

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from structvi.optim import kfac
+from structvi.structures.base import Structure
 
 __all__ = ["HALF", "PAIRED", "Sampling"]
 
@@ -33,6 +34,11 @@ PAIRED = "paired_noise"  # state key: the unpaired training draw's noise (antith
 
 def _cast(x: Tensor, dtype: torch.dtype) -> Tensor:
     return x if x.dtype == dtype else x.to(dtype)
+
+
+def _e_kt(E: Tensor, K: Structure, C: Structure) -> Tensor:
+    """``E Kᵀ`` (any structure of ``K``, in ``K``'s dtype), returned in ``C``'s dtype."""
+    return _cast(K.matmul_rows(_cast(E, K.dtype)), C.dtype)
 
 
 class Sampling:
@@ -105,7 +111,7 @@ class Sampling:
         K, C = factors.K, factors.C
         E = self._noise(layer.weight, (C.dim, K.dim), C.dtype, layer.weight.device, generator,
                         flip, keep)
-        EKt = _cast(K.matmul_rows(_cast(E, K.dtype)), C.dtype)  # E Kᵀ, any structure of K
+        EKt = _e_kt(E, K, C)
         if getattr(C, "name", None) == "dense" and self._draw_fused(layer, C.to_dense(), EKt,
                                                                      rho):
             return
@@ -126,7 +132,7 @@ class Sampling:
         K, C = factors.K, factors.C
         E = self._noise(layer.weight, (C.dim, K.dim), C.dtype, layer.weight.device, generator,
                         False, False)
-        noise = C.matmul(_cast(K.matmul_rows(_cast(E, K.dtype)), C.dtype))  # C E Kᵀ
+        noise = C.matmul(_e_kt(E, K, C))  # C E Kᵀ
         state[PAIRED] = noise
         self._paired_factors[layer.weight] = factors
         self._swap_layer(layer, noise, rho)

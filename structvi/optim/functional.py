@@ -3,8 +3,10 @@ r"""The per-layer maths of :class:`~structvi.optim.StructuredNGD`: pure function
 * :func:`update_preconditioner` — MATH (3.2): the natural gradient ``ν`` of the Kronecker factors
   in local coordinates, then the shared engine step :func:`structvi.engine.factor_step`
   (``m ← α₁ m + ν``; ``K ← K h(−β₁ m)``).
-* :func:`precondition` — ``Ĝ = C Cᵀ G K Kᵀ`` (matrix products only).
-* :func:`momentum_step` — MATH (3.3): weight decay after preconditioning, heavy-ball momentum.
+* :func:`precondition` — ``Ĝ = C Cᵀ G K Kᵀ`` (matrix products only); :func:`precondition_parts`
+  the same with dense products from ``∇W`` and ``∇b`` without forming ``G = [∇W, ∇b]``.
+* :func:`momentum_step` — MATH (3.3): weight decay after preconditioning, heavy-ball momentum;
+  :func:`momentum_steps` the same for a group's parameters in fused calls.
 * :func:`diagonal_step` — the documented rule for every other trainable parameter.
 * :func:`screen` — the acceptance rule of a step (non-finite, zero and outlier gradients and
   statistics; DESIGN decision 7), applied by the optimizer before it changes anything.

@@ -109,7 +109,7 @@ class VariationalNGD(Sampling, StructuredNGD):
     product ``N = C E Kᵀ``: ``W = μ − ρN`` around the *current* mean, with no new random
     numbers and no factor products (half the draw cost). Each draw is still exactly
     ``N(μ, Σ)``; a factor update between the two starts a new pair. The unpaired noise is
-    kept in the state (key ``"paired_noise"``, one weight-sized tensor per parameter), so a
+    kept in the state (key ``"paired_noise"``, one ``[W, b]``-sized tensor per layer), so a
     ``state_dict`` round trip continues the pairs. ``step(closure)`` runs ``closure`` (which
     zeroes gradients, computes the loss and calls ``backward``) ``mc_samples`` times, each in a
     training draw, and returns the mean loss. A ``step()`` without training draws uses the

@@ -139,3 +139,27 @@ def test_host_trust_region_cap_handles_zero_nan_and_inf_like_the_device_path(fil
     assert torch.allclose(host, device, rtol=1e-12, equal_nan=True)
     if fill == 0.0:
         assert torch.equal(host, factor)  # no direction: the factor is unchanged
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5),
+                                        (torch.bfloat16, 1e-5)])
+def test_precondition_parts_is_the_assembled_preconditioning(bias, dtype, tol):
+    """``precondition_parts`` (no ``[∇W, ∇b]`` formed) = ``precondition`` of the assembled
+    gradient matrix, with the GradScaler scale and a clip factor; bf16 gradients with float32
+    products come back in bf16, or float32 with ``keep_dtype``."""
+    g = torch.Generator().manual_seed(0)
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    K, C = _dense(4 + bias, 0.2, 1, wide), _dense(3, 0.2, 2, wide)
+    KKt, CCt = F.dense_product(K), F.dense_product(C)
+    grad_W = torch.randn(3, 4, generator=g, dtype=torch.float64).to(dtype)
+    grad_b = torch.randn(3, generator=g, dtype=torch.float64).to(dtype) if bias else None
+    G = torch.cat([grad_W, grad_b[:, None]], 1) if bias else grad_W
+    want = F.precondition(G.to(wide) * (0.5 / 4.0), K, C, KKt, CCt)
+    got = F.precondition_parts(grad_W, grad_b, KKt, CCt, scale=4.0, factor=0.5)
+    assert got.dtype == dtype
+    assert torch.allclose(got.to(wide), want.to(dtype).to(wide), rtol=tol, atol=tol)
+    kept = F.precondition_parts(grad_W, grad_b, KKt, CCt, scale=4.0, factor=0.5,
+                                keep_dtype=True)
+    assert kept.dtype == wide
+    assert torch.allclose(kept, want, rtol=tol, atol=tol)
