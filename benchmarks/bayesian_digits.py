@@ -30,6 +30,7 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -144,9 +145,13 @@ def evaluate(model: nn.Module, opt, X: Tensor, y: Tensor, bayes: bool, seed: int
     return out
 
 
-def run(model_name: str, method: str, cfg: dict, data: dict, epochs: int, seed: int,
-        bf16: bool, keep_bins: bool = False) -> dict:
-    make_opt, _, bayes = METHODS[method]
+def train(model_name: str, method: str, cfg: dict, data: dict, epochs: int, seed: int,
+          bf16: bool, step: Callable | None = None) -> tuple[nn.Module, Any, dict, list[float]]:
+    """Train ``model_name`` with ``method`` at ``cfg`` (cosine decay, batch 64, data order from
+    ``seed``): ``(model, optimizer, data in the model's dtype, seconds per epoch)``. ``step``
+    replaces :func:`train_step` (same signature)."""
+    make_opt = METHODS[method][0]
+    step = step or train_step
     torch.manual_seed(seed)
     model = MODELS[model_name]()
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -160,9 +165,16 @@ def run(model_name: str, method: str, cfg: dict, data: dict, epochs: int, seed: 
     for _ in range(epochs):
         start = time.perf_counter()
         for idx in torch.randperm(len(ytr), generator=gen).split(64):
-            train_step(model, opt, Xtr[idx], ytr[idx])
+            step(model, opt, Xtr[idx], ytr[idx])
             sched.step()
         seconds.append(time.perf_counter() - start)
+    return model, opt, split, seconds
+
+
+def run(model_name: str, method: str, cfg: dict, data: dict, epochs: int, seed: int,
+        bf16: bool, keep_bins: bool = False) -> dict:
+    bayes = METHODS[method][2]
+    model, opt, split, seconds = train(model_name, method, cfg, data, epochs, seed, bf16)
     val = evaluate(model, opt, *split["val"], bayes, seed)
     test = evaluate(model, opt, *split["test"], bayes, seed)
     result = dict(config=cfg, seed=seed, val_acc=val["acc"], val_nll=val["nll"],
