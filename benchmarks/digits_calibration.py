@@ -41,7 +41,7 @@ from torch.func import functional_call, jvp
 
 from benchmarks.bayesian_digits import METHODS, SAMPLES, train, train_step
 from benchmarks.optim_digits import digits_split
-from structvi.optim import VariationalNGD, calibration
+from structvi.optim import VariationalNGD, calibration, ece_floor
 
 MLP = "MLP 64-128-128-10"
 SEEDS = [100, 101, 102]
@@ -138,8 +138,8 @@ def linearized_predictive(model: nn.Module, opt: Any, x: Tensor, samples: int,
 
 def _metrics(probs: Tensor, y: Tensor) -> dict:
     out = calibration(probs, y)
-    return dict(nll=out["nll"], ece=out["ece"], conf_minus_acc=probs.max(-1).values.mean().item()
-                - out["acc"], acc=out["acc"])
+    return dict(nll=out["nll"], ece=out["ece"], ece_floor=ece_floor(probs, generator=torch.Generator().manual_seed(0)),
+                conf_minus_acc=probs.max(-1).values.mean().item() - out["acc"], acc=out["acc"])
 
 
 def _mean(rows: list[dict]) -> dict:
@@ -202,7 +202,7 @@ def probe_predictive(data: dict, epochs: int, seeds: list[int],
 
 
 def _fmt(row: dict) -> str:
-    return (f"NLL {row['nll']:.4f} | ECE {row['ece']:.4f} | "
+    return (f"NLL {row['nll']:.4f} | ECE {row['ece']:.4f} (floor {row['ece_floor']:.4f}) | "
             f"{row['conf_minus_acc']:+.4f} | acc {row['acc']:.4f}")
 
 
@@ -214,33 +214,33 @@ def _cfg(cfg: dict) -> str:
 
 def markdown(result: dict) -> str:
     seeds = result["config"]["seeds"]
-    head = "| NLL | ECE | conf − acc | acc |"
+    head = "| NLL | ECE | ECE floor | conf − acc | acc |"
     lines = [f"# Calibration probes on the digits MLP\n\nValidation split of seeds "
              f"{seeds[0]}-{seeds[-1]} (mean), float32, {result['config']['epochs']} epochs, "
              f"{SAMPLES} draws, δ = 3; `conf − acc` < 0: underconfident. "
              "`python -m benchmarks.digits_calibration`.\n",
              "## Damping: γ × τ × lr (VariationalNGD-dense, draws from the posterior)\n",
-             "| γ | τ | lr " + head, "|---|---|---" + "|---" * 4 + "|"]
+             "| γ | τ | lr " + head, "|---|---|---" + "|---" * 5 + "|"]
     for r in result["damping"]:
         c = r["config"]
         lines.append(f"| {c['extra_damping']:g} | {c['temperature']:g} | {c['lr']:g} "
                      + _cells(r))
     lines += ["", "## Curvature: empirical Fisher against sampled labels (lr 0.01)\n",
-              "| γ | τ | statistics " + head, "|---|---|---" + "|---" * 4 + "|"]
+              "| γ | τ | statistics " + head, "|---|---|---" + "|---" * 5 + "|"]
     for r in result["fisher"]:
         c = r["config"]
         lines.append(f"| {c['extra_damping']:g} | {c['temperature']:g} | {r['statistics']} "
                      + _cells(r))
     lines += ["", "## Predictive: draws, shrunk draws and the linearized network\n",
-              "| method | config | predictive " + head, "|---|---|---" + "|---" * 4 + "|"]
+              "| method | config | predictive " + head, "|---|---|---" + "|---" * 5 + "|"]
     for r in result["predictive"]:
         lines.append(f"| {r['method']} | {_cfg(r['config'])} | {r['predictive']} " + _cells(r))
     return "\n".join(lines) + "\n"
 
 
 def _cells(r: dict) -> str:
-    return (f"| {r['nll']:.4f} | {r['ece']:.4f} | {r['conf_minus_acc']:+.4f} | "
-            f"{r['acc']:.4f} |")
+    return (f"| {r['nll']:.4f} | {r['ece']:.4f} | {r['ece_floor']:.4f} | "
+            f"{r['conf_minus_acc']:+.4f} | {r['acc']:.4f} |")
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -32,6 +32,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "fault_sweep": ("benchmarks.fault_sweep", "dir"),
     "sparse_convergence": ("benchmarks.sparse_convergence", "dir"),
     "vngd_step": ("benchmarks.vngd_step", "file"),
+    "digits_calibration": ("benchmarks.digits_calibration", "file"),
 }
 ALIASES = {"vi": "vi_vs_pyro", "optim": "optim_digits", "pyro": "pyro_path"}
 

@@ -5,6 +5,9 @@ r"""Bayesian model averaging and calibration metrics for variationally trained n
   IVON's ``ivon.IVON``), batched over ``x``.
 * :func:`calibration` — accuracy, negative log-likelihood, expected calibration error (ECE) and
   the reliability-diagram bins of predictive probabilities.
+* :func:`ece_floor` — the ECE a perfectly calibrated predictor with the same probabilities
+  would show on as many points: binned ECE is biased upwards at finite sample size, the more
+  so the more points sit at middling confidence (Kumar et al., 2019; Roelofs et al., 2022).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["calibration", "predict"]
+__all__ = ["calibration", "ece_floor", "predict"]
 
 
 def _softmax(logits: Tensor) -> Tensor:
@@ -139,3 +142,40 @@ def calibration(probs: Tensor, y: Tensor, bins: int = 15) -> dict[str, Any]:
     acc = correct.mean().item()
     return dict(acc=acc, nll=nll if math.isfinite(nll) else float("inf"), ece=ece, bins=table)
 
+
+
+def ece_floor(probs: Tensor, bins: int = 15, draws: int = 200,
+              generator: torch.Generator | None = None) -> float:
+    """Expected ECE of a *calibrated* predictor with these probabilities, on as many points.
+
+    Labels are drawn from ``probs`` itself (so the predictor is calibrated by construction) and
+    the ECE of :func:`calibration` against them is averaged over ``draws`` label sets. An ECE
+    near this floor cannot be told from perfect calibration at this sample size; a predictor
+    with many middling confidences has a higher floor than a confident one, so compare
+    ``ece − ece_floor`` between predictors whose confidences differ.
+
+    Args:
+        probs: predictive probabilities, shape ``(n, classes)``, rows summing to 1.
+        bins: confidence bins, as in :func:`calibration`.
+        draws: label sets averaged (≥ 1).
+        generator: source of the labels (``None``: torch's global generator).
+
+    Returns:
+        The mean ECE over the label sets.
+
+    Raises:
+        ValueError: ``probs`` not ``(n, classes)`` with non-negative finite entries, or
+            ``draws`` < 1.
+    """
+    if probs.dim() != 2 or len(probs) == 0:
+        raise ValueError(f"probs must be (n, classes) with n >= 1, got {tuple(probs.shape)}")
+    if not bool(torch.isfinite(probs).all()) or bool((probs < 0).any()):
+        raise ValueError("probs must be finite and non-negative")
+    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
+        raise ValueError(f"draws must be an integer >= 1, got draws={draws!r}")
+    probs = probs.double()
+    total = 0.0
+    for _ in range(draws):
+        labels = torch.multinomial(probs, 1, generator=generator)[:, 0]
+        total += calibration(probs, labels, bins)["ece"]
+    return total / draws

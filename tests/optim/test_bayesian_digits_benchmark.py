@@ -41,7 +41,7 @@ def test_quick_run_writes_results_with_confidence_gap(tmp_path):
         for precision in ("fp32", "bf16"):
             e = entry[precision]
             assert 0.0 < e["acc"] <= 1.0 and 0.0 <= e["ece"] <= 1.0
-            assert -1.0 < e["conf_minus_acc"] < 1.0
+            assert -1.0 < e["conf_minus_acc"] < 1.0 and 0.0 < e["ece_floor"] < 1.0
     assert json.loads(out.read_text())["goals"]
 
 
@@ -70,13 +70,13 @@ def test_top_grid_ranks_by_nll_averaged_over_models():
 def test_paired_comparison_counts_seeds_where_ours_is_better(monkeypatch):
     """The paired check on more seeds: per seed ours − IVON, its mean and standard error, and
     the count of seeds where ours is better (lower NLL and ECE, higher accuracy)."""
-    table = {("IVON", 3): (0.10, 0.02, 0.95), ("IVON", 4): (0.20, 0.01, 0.90),
-             ("VariationalNGD-dense", 3): (0.08, 0.03, 0.96),
-             ("VariationalNGD-dense", 4): (0.16, 0.005, 0.90)}
+    table = {("IVON", 3): (0.10, 0.02, 0.95, 0.01), ("IVON", 4): (0.20, 0.01, 0.90, 0.01),
+             ("VariationalNGD-dense", 3): (0.08, 0.03, 0.96, 0.025),
+             ("VariationalNGD-dense", 4): (0.16, 0.005, 0.90, 0.004)}
 
     def fake_run(model_name, method, cfg, data, epochs, seed, bf16):
-        nll, ece, acc = table[method, seed]
-        return dict(nll=nll, ece=ece, acc=acc)
+        nll, ece, acc, floor = table[method, seed]
+        return dict(nll=nll, ece=ece, acc=acc, ece_floor=floor)
 
     monkeypatch.setattr(bd, "run", fake_run)
     monkeypatch.setattr(bd, "digits_split", lambda: None)
@@ -86,6 +86,9 @@ def test_paired_comparison_counts_seeds_where_ours_is_better(monkeypatch):
     assert row["nll"]["mean"] == pytest.approx(-0.03) and row["nll"]["better"] == 2
     assert row["nll"]["se"] == pytest.approx(0.01)  # stdev of (-0.02, -0.04) / √2
     assert row["ece"]["better"] == 1 and row["acc"]["better"] == 1
+    # ECE less its floor: ours 0.005, 0.001 against IVON's 0.01, 0.0: better on seed 3 only
+    assert row["ece_excess"]["mean"] == pytest.approx(-0.002)
+    assert row["ece_excess"]["better"] == 1
     assert row["acc"]["ours"] == pytest.approx(0.93) and row["acc"]["ivon"] == pytest.approx(0.925)
     assert set(rows) == {f"MLP|VariationalNGD-dense|{p}" for p in ("fp32", "bf16")}
     text = bd.paired_markdown(rows, [3, 4])

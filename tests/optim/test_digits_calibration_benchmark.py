@@ -96,3 +96,4 @@ def test_sampled_label_statistics_move_the_factors_differently():
         step(model, opt, x, y)
         covariances[name] = opt.posterior_covariance(model[2])
     assert not torch.allclose(covariances["empirical"], covariances["sampled"])
+
