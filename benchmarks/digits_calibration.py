@@ -17,8 +17,11 @@ training of ``bayesian_digits`` (30 epochs, batch 64, cosine decay, 32 draws):
    (``f(x; μ) + J(x)(W − μ)``, the GLM predictive of Immer et al., 2021) and against draws
    shrunk towards the mean (``μ + s(W − μ)``, ``s < 1``), for VariationalNGD and IVON.
 
-Reported per configuration: validation NLL, ECE, mean confidence minus accuracy and accuracy,
-mean over the seeds.
+Reported per configuration: validation NLL, ECE, the ECE a calibrated predictor with the same
+probabilities would show (``structvi.optim.ece_floor``), mean confidence minus accuracy and
+accuracy, mean over the seeds. For the VariationalNGD runs of probe 3 also **where the posterior
+sits**: the variances ``ρ² k_i c_j`` of each layer's Kronecker posterior (``k_i``, ``c_j`` the
+eigenvalues of ``KKᵀ`` and ``CCᵀ``) against the cap ``ρ²/(λ+γ)`` that the damping puts on them.
 
 Run: ``python -m benchmarks.digits_calibration [--quick]`` →
 ``benchmarks/results/digits_calibration.{json,md}`` (``--quick``: ``results/quick/``).
@@ -142,6 +145,25 @@ def _metrics(probs: Tensor, y: Tensor) -> dict:
                 conf_minus_acc=probs.max(-1).values.mean().item() - out["acc"], acc=out["acc"])
 
 
+def cap_fractions(model: nn.Module, opt: VariationalNGD) -> dict[str, dict[str, float]]:
+    """Per Kronecker layer of ``model``: the median and minimum of its posterior variances
+    ``ρ² k_i c_j`` over the cap ``ρ²/(λ + γ)``, and the fraction of them below half the cap
+    (``k_i``, ``c_j``: eigenvalues of ``KKᵀ``, ``CCᵀ``; one parameter group)."""
+    group = opt.param_groups[0]
+    cap = 1.0 / (opt._damping(group) + group.get("extra_damping", 0.0))  # in units of ρ²
+    out = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            continue
+        factors = opt.preconditioner(module)
+        k, c = (torch.linalg.eigvalsh((M @ M.T).double()) for M in
+                (factors.K.to_dense(), factors.C.to_dense()))
+        ratio = (k[:, None] * c[None, :]).flatten() / cap
+        out[name] = dict(median=ratio.median().item(), min=ratio.min().item(),
+                         below_half=(ratio < 0.5).double().mean().item())
+    return out
+
+
 def _mean(rows: list[dict]) -> dict:
     return {k: statistics.fmean(r[k] for r in rows) for k in rows[0]}
 
@@ -182,13 +204,19 @@ def probe_fisher(data: dict, epochs: int, seeds: list[int], configs: list[dict])
 
 
 def probe_predictive(data: dict, epochs: int, seeds: list[int],
-                     configs: dict[str, list[dict]]) -> list[dict]:
-    rows = []
+                     configs: dict[str, list[dict]]) -> tuple[list[dict], list[dict]]:
+    """The predictive rows, and per VariationalNGD configuration and layer the posterior's
+    place against its cap (:func:`cap_fractions`, mean over the seeds)."""
+    rows, caps = [], []
     for method, cfgs in configs.items():
         for cfg in cfgs:
             per: dict[str, list[dict]] = {}
+            layers: dict[str, list[dict]] = {}
             for seed in seeds:
                 model, opt, (x, y) = _trained(method, cfg, data, epochs, seed)
+                if isinstance(opt, VariationalNGD):
+                    for name, value in cap_fractions(model, opt).items():
+                        layers.setdefault(name, []).append(value)
                 shrunk = shrunk_predictive(model, opt, x, SAMPLES, seed, (0.0, *SHRINK, 1.0))
                 for s, probs in shrunk.items():
                     key = "mean network" if s == 0 else f"draws, s = {s:g}"
@@ -198,7 +226,10 @@ def probe_predictive(data: dict, epochs: int, seeds: list[int],
             for key, runs in per.items():
                 rows.append(dict(method=method, config=cfg, predictive=key, **_mean(runs)))
                 print("predictive", method, json.dumps(cfg), key, _fmt(rows[-1]), flush=True)
-    return rows
+            for name, values in layers.items():
+                caps.append(dict(config=cfg, layer=name, **_mean(values)))
+                print("cap", json.dumps(cfg), name, caps[-1], flush=True)
+    return rows, caps
 
 
 def _fmt(row: dict) -> str:
@@ -235,6 +266,14 @@ def markdown(result: dict) -> str:
               "| method | config | predictive " + head, "|---|---|---" + "|---" * 5 + "|"]
     for r in result["predictive"]:
         lines.append(f"| {r['method']} | {_cfg(r['config'])} | {r['predictive']} " + _cells(r))
+    lines += ["", "## Where the posterior sits: variances against the damping's cap\n",
+              "VariationalNGD-dense runs of the predictive probe: each layer's posterior "
+              "variances `ρ² k_i c_j` over the cap `ρ²/(λ + γ)`.\n",
+              "| config | layer | median variance / cap | smallest | share below half the cap |",
+              "|---|---|---|---|---|"]
+    for r in result["cap"]:
+        lines.append(f"| {_cfg(r['config'])} | {r['layer']} | {r['median']:.3f} | "
+                     f"{r['min']:.3f} | {r['below_half']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -258,11 +297,12 @@ def main(argv: list[str] | None = None) -> dict:
         predictive = {m: c[:1] for m, c in PREDICTIVE.items()}
     else:
         epochs, seeds, damping, fisher, predictive = 30, SEEDS, DAMPING, FISHER, PREDICTIVE
+    rows, caps = probe_predictive(data, epochs, seeds, predictive)
     result = dict(config=dict(quick=args.quick, epochs=epochs, seeds=seeds, samples=SAMPLES,
                               torch=torch.__version__),
                   damping=probe_damping(data, epochs, seeds, damping),
                   fisher=probe_fisher(data, epochs, seeds, fisher),
-                  predictive=probe_predictive(data, epochs, seeds, predictive))
+                  predictive=rows, cap=caps)
     default = "benchmarks/results/" + ("quick/" if args.quick else "") + "digits_calibration.json"
     out = Path(args.out or default)
     out.parent.mkdir(parents=True, exist_ok=True)

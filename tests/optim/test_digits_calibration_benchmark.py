@@ -78,7 +78,7 @@ def test_quick_run_writes_the_three_probes(tmp_path):
     out = tmp_path / "digits_calibration.json"
     result = dc.main(["--quick", "--out", str(out)])
     text = out.with_suffix(".md").read_text()
-    for heading in ("Damping", "Curvature", "Predictive"):
+    for heading in ("Damping", "Curvature", "Predictive", "Where the posterior sits"):
         assert heading in text
     assert {r["statistics"] for r in result["fisher"]} == {"empirical", "sampled labels"}
     assert {r["predictive"] for r in result["predictive"]} >= {"mean network",
@@ -97,3 +97,23 @@ def test_sampled_label_statistics_move_the_factors_differently():
         covariances[name] = opt.posterior_covariance(model[2])
     assert not torch.allclose(covariances["empirical"], covariances["sampled"])
 
+
+
+def test_cap_fractions_against_the_dense_posterior_covariance():
+    model = _mlp()
+    torch.manual_seed(0)
+    opt = VariationalNGD(model, data_size=50, lr=0.05, T=1, extra_damping=0.1)
+    x, y = torch.randn(32, 5), torch.randint(0, 3, (32,))
+    for _ in range(4):
+        dc.train_step(model, opt, x, y)
+    fractions = dc.cap_fractions(model, opt)
+    assert set(fractions) == {"0", "2"}
+    group = opt.param_groups[0]
+    cap = opt.rho(group) ** 2 / (opt._damping(group) + 0.1)
+    for name in ("0", "2"):
+        variances = torch.linalg.eigvalsh(opt.posterior_covariance(model[int(name)]).double())
+        ratio = variances / cap
+        assert fractions[name]["median"] == pytest.approx(ratio.median().item(), rel=1e-4)
+        assert fractions[name]["min"] == pytest.approx(ratio.min().item(), rel=1e-4)
+        assert fractions[name]["below_half"] == pytest.approx((ratio < 0.5).double().mean()
+                                                              .item())
