@@ -33,6 +33,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "sparse_convergence": ("benchmarks.sparse_convergence", "dir"),
     "vngd_step": ("benchmarks.vngd_step", "file"),
     "digits_calibration": ("benchmarks.digits_calibration", "file"),
+    "vngd_defaults": ("benchmarks.vngd_defaults", "file"),
 }
 ALIASES = {"vi": "vi_vs_pyro", "optim": "optim_digits", "pyro": "pyro_path"}
 

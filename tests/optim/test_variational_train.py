@@ -58,7 +58,7 @@ def test_temperature_zero_is_structured_ngd_with_no_prior():
     """τ = 0: no noise and λ = 0, so the steps are StructuredNGD's with damping 0."""
     X, y = data()
     models = [classifier(), classifier()]
-    var = VariationalNGD(models[0], temperature=0.0, **KW)
+    var = VariationalNGD(models[0], temperature=0.0, extra_damping=0.0, **KW)
     base = StructuredNGD(models[1], damping=0.0, lr=0.05, T=2, lr_cov=0.1, relative_damping=False,
                          normalize_preconditioner=False, diagonal_lr_ratio=1.0)
     train(models[0], var, X, y, 4, torch.Generator().manual_seed(0))
