@@ -5,8 +5,8 @@ With ``extra_damping = 0`` (the former default) the factor damping is the prior'
 (draws of standard deviation 1 on every weight) and the natural-gradient step is ``lr/λ``. On
 the digits MLP at the default ``lr = 3e-3`` the training loss then spikes and stalls (median
 final loss 0.64 and one run at 164 over 6 seeds and 60 epochs; IVON's defaults reach 0.004).
-The default ``extra_damping = 1e-2`` bounds both (``benchmarks``: none; measured in the
-closing note of the change).
+The default ``extra_damping = 1e-2`` bounds both (``python -m benchmarks.vngd_defaults``).
+This test fails with ``extra_damping = 0`` (final training loss 0.50 on seed 0).
 """
 
 from __future__ import annotations
