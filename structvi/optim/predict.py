@@ -143,7 +143,6 @@ def calibration(probs: Tensor, y: Tensor, bins: int = 15) -> dict[str, Any]:
     return dict(acc=acc, nll=nll if math.isfinite(nll) else float("inf"), ece=ece, bins=table)
 
 
-
 def ece_floor(probs: Tensor, bins: int = 15, draws: int = 200,
               generator: torch.Generator | None = None) -> float:
     """Expected ECE of a *calibrated* predictor with these probabilities, on as many points.
@@ -164,13 +163,15 @@ def ece_floor(probs: Tensor, bins: int = 15, draws: int = 200,
         The mean ECE over the label sets.
 
     Raises:
-        ValueError: ``probs`` not ``(n, classes)`` with non-negative finite entries, or
-            ``draws`` < 1.
+        ValueError: ``probs`` not ``(n, classes)`` with non-negative finite entries and a
+            positive sum per row, or ``draws`` < 1.
     """
     if probs.dim() != 2 or len(probs) == 0:
         raise ValueError(f"probs must be (n, classes) with n >= 1, got {tuple(probs.shape)}")
     if not bool(torch.isfinite(probs).all()) or bool((probs < 0).any()):
         raise ValueError("probs must be finite and non-negative")
+    if bool((probs.sum(-1) <= 0).any()):
+        raise ValueError("probs must have a positive sum in every row")
     if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
         raise ValueError(f"draws must be an integer >= 1, got draws={draws!r}")
     probs = probs.double()

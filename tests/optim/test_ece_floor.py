@@ -41,7 +41,7 @@ def test_miscalibrated_labels_are_well_above_the_floor():
 
 @pytest.mark.parametrize("bad, match", [
     (torch.ones(3), "probs must be"), (torch.full((2, 3), float("nan")), "finite"),
-    (-torch.ones(2, 3), "non-negative")])
+    (-torch.ones(2, 3), "non-negative"), (torch.zeros(2, 3), "positive sum")])
 def test_bad_probabilities_are_named(bad, match):
     with pytest.raises(ValueError, match=match):
         ece_floor(bad)
