@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp
 
-from benchmarks.bayesian_digits import METHODS, SAMPLES, train, train_step
+from benchmarks.bayesian_digits import SAMPLES, train, train_step
 from benchmarks.optim_digits import digits_split
 from structvi.optim import VariationalNGD, calibration, ece_floor
 
