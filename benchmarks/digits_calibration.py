@@ -243,29 +243,30 @@ def _cfg(cfg: dict) -> str:
     return f"lr {cfg['lr']:g}, τ {cfg['temperature']:g}, γ {cfg['extra_damping']:g}"
 
 
+def _table(title: str, columns: str, rows: list[str]) -> list[str]:
+    """A Markdown section: heading, header of ``columns`` plus the metric columns, rows."""
+    head = columns + " | NLL | ECE | ECE floor | conf − acc | acc |"
+    return ["", f"## {title}\n", head, "|---" * (head.count("|") - 1) + "|", *rows]
+
+
 def markdown(result: dict) -> str:
     seeds = result["config"]["seeds"]
-    head = "| NLL | ECE | ECE floor | conf − acc | acc |"
     lines = [f"# Calibration probes on the digits MLP\n\nValidation split of seeds "
              f"{seeds[0]}-{seeds[-1]} (mean), float32, {result['config']['epochs']} epochs, "
              f"{SAMPLES} draws, δ = 3; `conf − acc` < 0: underconfident. "
-             "`python -m benchmarks.digits_calibration`.\n",
-             "## Damping: γ × τ × lr (VariationalNGD-dense, draws from the posterior)\n",
-             "| γ | τ | lr " + head, "|---|---|---" + "|---" * 5 + "|"]
-    for r in result["damping"]:
-        c = r["config"]
-        lines.append(f"| {c['extra_damping']:g} | {c['temperature']:g} | {c['lr']:g} "
-                     + _cells(r))
-    lines += ["", "## Curvature: empirical Fisher against sampled labels (lr 0.01)\n",
-              "| γ | τ | statistics " + head, "|---|---|---" + "|---" * 5 + "|"]
-    for r in result["fisher"]:
-        c = r["config"]
-        lines.append(f"| {c['extra_damping']:g} | {c['temperature']:g} | {r['statistics']} "
-                     + _cells(r))
-    lines += ["", "## Predictive: draws, shrunk draws and the linearized network\n",
-              "| method | config | predictive " + head, "|---|---|---" + "|---" * 5 + "|"]
-    for r in result["predictive"]:
-        lines.append(f"| {r['method']} | {_cfg(r['config'])} | {r['predictive']} " + _cells(r))
+             "`python -m benchmarks.digits_calibration`."]
+    lines += _table("Damping: γ × τ × lr (VariationalNGD-dense, draws from the posterior)",
+                    "| γ | τ | lr", [
+                        f"| {r['config']['extra_damping']:g} | {r['config']['temperature']:g} "
+                        f"| {r['config']['lr']:g} " + _cells(r) for r in result["damping"]])
+    lines += _table("Curvature: empirical Fisher against sampled labels (lr 0.01)",
+                    "| γ | τ | statistics", [
+                        f"| {r['config']['extra_damping']:g} | {r['config']['temperature']:g} "
+                        f"| {r['statistics']} " + _cells(r) for r in result["fisher"]])
+    lines += _table("Predictive: draws, shrunk draws and the linearized network",
+                    "| method | config | predictive", [
+                        f"| {r['method']} | {_cfg(r['config'])} | {r['predictive']} " + _cells(r)
+                        for r in result["predictive"]])
     lines += ["", "## Where the posterior sits: variances against the damping's cap\n",
               "VariationalNGD-dense runs of the predictive probe: each layer's posterior "
               "variances `ρ² k_i c_j` over the cap `ρ²/(λ + γ)`.\n",
