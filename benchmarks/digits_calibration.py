@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import statistics
 import warnings
 from collections.abc import Callable
@@ -56,7 +57,11 @@ def _v(lr: float, temperature: float, extra_damping: float) -> dict:
 
 
 DAMPING = [_v(lr, t, g) for g in (0.01, 0.03, 0.1, 0.3) for t in (0.1, 0.3, 1.0)
-           for lr in (0.01, 0.03)]
+           for lr in (0.01, 0.03, 0.1)]
+# IVON's counterpart: hess_init (its curvature floor) raised with lr, around its best
+IVON_DAMPING = [dict(lr=lr, temperature=t, hess_init=h) for lr in (2.4, 3.2)
+                for t, h in ((0.3, 0.6), (0.5, 1.0), (1.0, 2.0))] + [
+    dict(lr=0.8, temperature=0.1, hess_init=0.2), dict(lr=1.2, temperature=0.2, hess_init=0.2)]
 FISHER = [_v(0.01, t, g) for g in (0.01, 0.03) for t in (0.1, 0.3, 1.0)]
 PREDICTIVE = {"VariationalNGD-dense": [_v(0.01, t, 0.01) for t in (0.1, 0.3, 1.0)],
               "IVON": [dict(lr=1.2, temperature=0.5, hess_init=0.5),
@@ -140,8 +145,13 @@ def linearized_predictive(model: nn.Module, opt: Any, x: Tensor, samples: int,
 
 
 def _metrics(probs: Tensor, y: Tensor) -> dict:
+    """NLL, ECE, its floor, conf − acc and accuracy (NaN and NLL ∞ for a diverged run)."""
+    if not bool(torch.isfinite(probs).all()):
+        return dict(nll=math.inf, ece=math.nan, ece_floor=math.nan, conf_minus_acc=math.nan,
+                    acc=math.nan)
     out = calibration(probs, y)
-    return dict(nll=out["nll"], ece=out["ece"], ece_floor=ece_floor(probs, generator=torch.Generator().manual_seed(0)),
+    return dict(nll=out["nll"], ece=out["ece"],
+                ece_floor=ece_floor(probs, generator=torch.Generator().manual_seed(0)),
                 conf_minus_acc=probs.max(-1).values.mean().item() - out["acc"], acc=out["acc"])
 
 
@@ -175,16 +185,17 @@ def _trained(method: str, cfg: dict, data: dict, epochs: int, seed: int,
     return model, opt, split["val"]
 
 
-def probe_damping(data: dict, epochs: int, seeds: list[int], configs: list[dict]) -> list[dict]:
+def probe_damping(data: dict, epochs: int, seeds: list[int], configs: list[dict],
+                  method: str = "VariationalNGD-dense") -> list[dict]:
     rows = []
     for cfg in configs:
         per_seed = []
         for seed in seeds:
-            model, opt, (x, y) = _trained("VariationalNGD-dense", cfg, data, epochs, seed)
+            model, opt, (x, y) = _trained(method, cfg, data, epochs, seed)
             per_seed.append(_metrics(shrunk_predictive(model, opt, x, SAMPLES, seed, (1.0,))[1.0],
                                      y))
-        rows.append(dict(config=cfg, **_mean(per_seed)))
-        print("damping", json.dumps(cfg), _fmt(rows[-1]), flush=True)
+        rows.append(dict(method=method, config=cfg, **_mean(per_seed)))
+        print("damping", method, json.dumps(cfg), _fmt(rows[-1]), flush=True)
     return rows
 
 
@@ -258,7 +269,12 @@ def markdown(result: dict) -> str:
     lines += _table("Damping: γ × τ × lr (VariationalNGD-dense, draws from the posterior)",
                     "| γ | τ | lr", [
                         f"| {r['config']['extra_damping']:g} | {r['config']['temperature']:g} "
-                        f"| {r['config']['lr']:g} " + _cells(r) for r in result["damping"]])
+                        f"| {r['config']['lr']:g} " + _cells(r) for r in result["damping"]
+                        if r["method"] != "IVON"])
+    lines += _table("Damping, IVON: hess_init raised with lr", "| lr | τ | h0", [
+        f"| {r['config']['lr']:g} | {r['config']['temperature']:g} "
+        f"| {r['config']['hess_init']:g} " + _cells(r) for r in result["damping"]
+        if r["method"] == "IVON"])
     lines += _table("Curvature: empirical Fisher against sampled labels (lr 0.01)",
                     "| γ | τ | statistics", [
                         f"| {r['config']['extra_damping']:g} | {r['config']['temperature']:g} "
@@ -279,6 +295,8 @@ def markdown(result: dict) -> str:
 
 
 def _cells(r: dict) -> str:
+    if not math.isfinite(r["nll"]):
+        return "| diverged | | | | |"
     return (f"| {r['nll']:.4f} | {r['ece']:.4f} | {r['ece_floor']:.4f} | "
             f"{r['conf_minus_acc']:+.4f} | {r['acc']:.4f} |")
 
@@ -294,14 +312,16 @@ def main(argv: list[str] | None = None) -> dict:
     data = digits_split()
     if args.quick:
         epochs, seeds = 3, SEEDS[:1]
-        damping, fisher = DAMPING[:2], FISHER[:1]
+        damping, ivon_damping, fisher = DAMPING[:2], IVON_DAMPING[:1], FISHER[:1]
         predictive = {m: c[:1] for m, c in PREDICTIVE.items()}
     else:
         epochs, seeds, damping, fisher, predictive = 30, SEEDS, DAMPING, FISHER, PREDICTIVE
+        ivon_damping = IVON_DAMPING
     rows, caps = probe_predictive(data, epochs, seeds, predictive)
     result = dict(config=dict(quick=args.quick, epochs=epochs, seeds=seeds, samples=SAMPLES,
                               torch=torch.__version__),
-                  damping=probe_damping(data, epochs, seeds, damping),
+                  damping=probe_damping(data, epochs, seeds, damping)
+                  + probe_damping(data, epochs, seeds, ivon_damping, "IVON"),
                   fisher=probe_fisher(data, epochs, seeds, fisher),
                   predictive=rows, cap=caps)
     default = "benchmarks/results/" + ("quick/" if args.quick else "") + "digits_calibration.json"

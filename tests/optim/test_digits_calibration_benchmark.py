@@ -89,7 +89,8 @@ def test_quick_run_writes_the_three_probes(tmp_path):
     out = tmp_path / "digits_calibration.json"
     result = dc.main(["--quick", "--out", str(out)])
     text = out.with_suffix(".md").read_text()
-    for heading in ("Damping", "Curvature", "Predictive", "Where the posterior sits"):
+    for heading in ("Damping", "Damping, IVON", "Curvature", "Predictive",
+                    "Where the posterior sits"):
         assert heading in text
     assert {r["statistics"] for r in result["fisher"]} == {"empirical", "sampled labels"}
     assert {r["predictive"] for r in result["predictive"]} >= {"mean network",
@@ -114,3 +115,10 @@ def test_cap_fractions_against_the_dense_posterior_covariance():
         assert fractions[name]["min"] == pytest.approx(ratio.min().item(), rel=1e-4)
         assert fractions[name]["below_half"] == pytest.approx((ratio < 0.5).double().mean()
                                                               .item())
+
+
+def test_a_diverged_run_is_reported_not_raised():
+    probs = torch.full((4, 3), float("nan"))
+    row = dc._metrics(probs, torch.zeros(4, dtype=torch.long))
+    assert row["nll"] == float("inf") and all(row[k] != row[k] for k in ("ece", "acc"))
+    assert dc._cells(row) == "| diverged | | | | |"
