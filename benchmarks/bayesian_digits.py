@@ -10,11 +10,15 @@ accuracy, NLL, ECE (15 bins) and mean confidence minus accuracy use the Bayesian
 over 32 posterior draws for IVON and VariationalNGD (``structvi.optim.predict``) and the point
 prediction otherwise. Reported: mean ± std over seeds, seconds per epoch, optimizer-state
 bytes, and per-step time over IVON's (methods interleaved, fastest of several rounds of whole
-factor-update periods, CPU time: robust to load on a shared machine). A reliability diagram (float32, the seeds' test points pooled)
-goes to the PNG. Three seeds cannot separate ECEs of 0.01 and 0.012 (one test image is 0.0028 of
-accuracy), so VariationalNGD is also compared with IVON on 12 more seeds, paired (same split and
-data order per seed), at the configurations the table chose: the mean difference, its standard
-error and the number of seeds where VariationalNGD is better (``--more-seeds``).
+factor-update periods, CPU time: robust to load on a shared machine). A reliability diagram
+(float32, the seeds' test points pooled) goes to the PNG. Three seeds cannot separate ECEs of
+0.01 and 0.012 (one test image is 0.0028 of accuracy), so VariationalNGD is also compared with
+IVON at the configurations the table chose on 12 more seeds, paired (same split and data order
+per seed: the mean difference, its standard error and the number of seeds where VariationalNGD
+is better; ``--more-seeds``), and on 24 resampled splits (each seed its own partition; the
+test points of all splits pooled, so the ECE's floor and noise shrink with the number of splits,
+which more seeds on one fixed 360-point test split cannot do; 95 % intervals from a bootstrap
+over the splits; ``--resampled``, ``--resampled-only`` to add it to an existing JSON).
 
 Run: ``python -m benchmarks.bayesian_digits [--quick]``
 → ``benchmarks/results/bayesian_digits.{json,md,png}`` (``--quick``: ``results/quick/``).
@@ -144,13 +148,20 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tenso
     opt.step()
 
 
-def evaluate(model: nn.Module, opt, X: Tensor, y: Tensor, bayes: bool, seed: int,
-             floor: bool = False) -> dict:
+def predictive_probs(model: nn.Module, opt, X: Tensor, bayes: bool, seed: int) -> Tensor:
+    """Predictive probabilities on ``X``: the model average of ``SAMPLES`` seeded draws
+    (``bayes``) or the point prediction."""
     model.eval()
     torch.manual_seed(10_000 + seed)  # IVON draws from the global generator
     gen = torch.Generator().manual_seed(seed) if isinstance(opt, VariationalNGD) else None
     probs = predict(model, opt, X, samples=SAMPLES if bayes else 0, generator=gen)
     model.train()
+    return probs
+
+
+def evaluate(model: nn.Module, opt, X: Tensor, y: Tensor, bayes: bool, seed: int,
+             floor: bool = False) -> dict:
+    probs = predictive_probs(model, opt, X, bayes, seed)
     out = calibration(probs, y)
     out["nll"] = min(out["nll"], 1e9)
     out["conf"] = probs.max(-1).values.float().mean().item()  # < acc: underconfident
@@ -350,6 +361,148 @@ def paired_markdown(rows: dict, seeds: list[int]) -> str:
     return "\n".join(lines) + "\n"
 
 
+BINS = 15  # as structvi.optim.calibration
+FAILED_ACC = 0.5  # a run below this test accuracy did not train
+
+
+def split_stats(probs: Tensor, y: Tensor) -> dict:
+    """What pooling needs of one run's test predictions: per confidence bin (``BINS`` bins, as
+    :func:`structvi.optim.calibration`) the count, summed confidence and summed correct
+    predictions (``bins``, shape ``(BINS, 3)``), the summed NLL and the number of points."""
+    probs = probs.double()
+    conf, pred = probs.max(1)
+    correct = (pred == y).double()
+    edges = torch.linspace(0, 1, BINS + 1, dtype=torch.float64)
+    index = torch.bucketize(conf, edges[1:-1], right=True)
+    bins = torch.zeros(BINS, 3, dtype=torch.float64)
+    bins.index_add_(0, index, torch.stack([torch.ones_like(conf), conf, correct], 1))
+    nll = -probs.gather(1, y[:, None]).squeeze(1).clamp_min(1e-12).log().sum()
+    return dict(bins=bins, nll=float(nll), n=len(y))
+
+
+def pooled(stats: list[dict], weights: Tensor) -> dict[str, Tensor]:
+    """NLL, ECE and accuracy of the pooled test points of several runs, each run counted
+    ``weights[..., i]`` times (a bootstrap draw of runs: ``weights`` of shape ``(B, runs)``
+    gives ``B`` values of each)."""
+    bins = torch.stack([s["bins"] for s in stats])  # (runs, BINS, 3)
+    total = torch.einsum("...r,rkc->...kc", weights.double(), bins)
+    n = total[..., 0].sum(-1)
+    nll = weights.double() @ torch.tensor([s["nll"] for s in stats], dtype=torch.float64)
+    return dict(nll=nll / n, ece=(total[..., 2] - total[..., 1]).abs().sum(-1) / n,
+                acc=total[..., 2].sum(-1) / n)
+
+
+def bootstrap_weights(runs: int, draws: int, generator: torch.Generator) -> Tensor:
+    """``(draws, runs)`` multiplicities of ``runs`` drawn with replacement ``draws`` times."""
+    picks = torch.randint(runs, (draws, runs), generator=generator)
+    return torch.zeros(draws, runs).scatter_add_(1, picks, torch.ones(draws, runs))
+
+
+def compare_pooled(ours: list[dict], ivon: list[dict], draws: int = 2000,
+                   seed: int = 0) -> dict:
+    """Ours against IVON on the pooled test points of paired runs (run ``i`` of both on the
+    same split): the pooled NLL, ECE and accuracy of each, and for their difference
+    (ours − IVON) a 95 % percentile interval and the share of draws where ours is better, from
+    a bootstrap over the splits (the same draw of splits for both methods)."""
+    if len(ours) != len(ivon) or not ours:
+        raise ValueError(f"need as many runs of ours as of IVON (>= 1), got {len(ours)} and "
+                         f"{len(ivon)}")
+    weights = bootstrap_weights(len(ours), draws, torch.Generator().manual_seed(seed))
+    ones = torch.ones(len(ours))
+    out = {}
+    for key, better in (("nll", -1), ("ece", -1), ("acc", 1)):
+        a, b = pooled(ours, ones)[key], pooled(ivon, ones)[key]
+        diff = pooled(ours, weights)[key] - pooled(ivon, weights)[key]
+        lo, hi = torch.quantile(diff, torch.tensor([0.025, 0.975], dtype=diff.dtype)).tolist()
+        out[key] = dict(ours=float(a), ivon=float(b), diff=float(a - b), lo=lo, hi=hi,
+                        p_better=float((diff * better > 0).double().mean()))
+    return out
+
+
+def resampled(results: dict, seeds: list[int], epochs: int) -> dict:
+    """VariationalNGD against IVON on resampled splits: seed ``s`` draws its own
+    train/validation/test partition (``digits_split(s)``) and data order, both methods train at
+    the configurations the table chose, and the test points of all splits are pooled
+    (``compare_pooled``: 360 × splits points, so the ECE's floor and noise shrink with the
+    number of splits, unlike on one fixed test split). Per seed also the paired differences,
+    as in :func:`paired`, and the runs that did not train (test accuracy < ``FAILED_ACC``)."""
+    out: dict = {}
+    splits = {s: digits_split(s) for s in seeds}
+    for model_name, methods in results.items():
+        if "IVON" not in methods:
+            continue
+        for precision, bf16 in (("fp32", False), ("bf16", True)):
+            stats: dict = {}
+            floors: dict = {}
+            for name in ("IVON",) + PAIRED_METHODS:
+                if name not in methods:
+                    continue
+                stats[name], probs = [], []
+                for s in seeds:
+                    model, opt, split, _ = train(model_name, name, methods[name]["config"],
+                                                 splits[s], epochs, s, bf16)
+                    X, y = split["test"]
+                    probs.append(predictive_probs(model, opt, X, True, s).float())
+                    stats[name].append(split_stats(probs[-1], y))
+                # the pooled ECE of a calibrated predictor with these probabilities
+                floors[name] = ece_floor(torch.cat(probs), draws=100,
+                                         generator=torch.Generator().manual_seed(0))
+            ivon = stats.pop("IVON")
+            for name, ours in stats.items():
+                row = compare_pooled(ours, ivon)
+                row["ece"].update(floor_ours=floors[name], floor_ivon=floors["IVON"])
+                for key, runs in (("ours", ours), ("ivon", ivon)):
+                    per = [pooled([r], torch.ones(1)) for r in runs]
+                    row["failed_" + key] = sum(float(p["acc"]) < FAILED_ACC for p in per)
+                    row["ece_" + key + "_per_split"] = [float(p["ece"]) for p in per]
+                diffs = [a - b for a, b in zip(row["ece_ours_per_split"],
+                                               row["ece_ivon_per_split"])]
+                row["ece_per_split"] = dict(
+                    mean=statistics.fmean(diffs),
+                    se=statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else 0.0,
+                    better=sum(d < 0 for d in diffs))
+                out[f"{model_name}|{name}|{precision}"] = row
+                print(f"resampled {model_name:18s} {name:24s} {precision} " + " ".join(
+                    f"{k} {row[k]['ours']:.4f}/{row[k]['ivon']:.4f} "
+                    f"[{row[k]['lo']:+.4f}, {row[k]['hi']:+.4f}]" for k in ("nll", "ece", "acc"))
+                    + f" failed {row['failed_ours']}/{row['failed_ivon']}", flush=True)
+    return out
+
+
+def resampled_markdown(rows: dict, seeds: list[int]) -> str:
+    lines = [f"## Against IVON on {len(seeds)} resampled splits", "",
+             f"Seeds {seeds[0]}-{seeds[-1]}, each with its own train/validation/test partition "
+             "of digits and data order, both methods at the configurations chosen above; the "
+             f"test points of all splits pooled ({len(seeds)} × 360). Δ: ours − IVON on the "
+             "pooled points, with a 95 % interval from 2000 bootstrap draws of the splits "
+             "(the same draw for both methods); `P`: the share of draws where ours is better. "
+             "`failed`: runs below 50 % test accuracy (ours / IVON), included in the pools. "
+             "`per split`: the mean ECE difference ± standard error and on how many splits "
+             "ours is better.", "",
+             "| model | method | precision | NLL (ours / IVON) | Δ NLL [95 %] | P | ECE "
+             "(ours / IVON) | Δ ECE [95 %] | P | ECE per split | acc (ours / IVON) | Δ acc "
+             "[95 %] | failed |",
+             "|" + "---|" * 13]
+    for key, row in rows.items():
+        model_name, name, precision = key.split("|")
+        cells = []
+        for k, digits in (("nll", 3), ("ece", 4)):
+            v = row[k]
+            floors = (f" (floor {v['floor_ours']:.4f} / {v['floor_ivon']:.4f})"
+                      if "floor_ours" in v else "")
+            cells += [f"{v['ours']:.{digits}f} / {v['ivon']:.{digits}f}{floors}",
+                      f"{v['diff']:+.{digits}f} [{v['lo']:+.{digits}f}, {v['hi']:+.{digits}f}]",
+                      f"{v['p_better']:.2f}"]
+        e = row["ece_per_split"]
+        cells.append(f"{e['mean']:+.4f} ± {e['se']:.4f} ({e['better']}/{len(seeds)})")
+        v = row["acc"]
+        cells += [f"{v['ours']:.4f} / {v['ivon']:.4f}",
+                  f"{v['diff']:+.4f} [{v['lo']:+.4f}, {v['hi']:+.4f}]",
+                  f"{row['failed_ours']} / {row['failed_ivon']}"]
+        lines.append(f"| {model_name} | {name} | {precision} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def select_grids(methods: list[str], seeds: list[int], epochs: int = 30) -> dict:
     """Every candidate of ``CANDIDATES`` on both models and ``seeds`` (float32); the grid of a
     method is its ``GRID_SIZE`` candidates with the best validation NLL averaged over the
@@ -402,8 +555,15 @@ def markdown(results: dict, seeds: list[int]) -> str:
     return "\n".join(lines)
 
 
-def goals(results: dict) -> dict:
-    """VariationalNGD against IVON: NLL and ECE lower, accuracy not lower, step ≤ 1.5× IVON."""
+GOALS_NOTE = ("On the three seeds: the means of the table. On the resampled splits: NLL and "
+              "ECE lower when the 95 % interval of ours − IVON lies below 0, accuracy not "
+              "lower when the pooled accuracy is at least IVON's.")
+
+
+def goals(results: dict, resampled_rows: dict | None = None) -> dict:
+    """VariationalNGD against IVON: NLL and ECE lower, accuracy not lower, step ≤ 1.5× IVON;
+    on the three seeds' means, and on the pooled resampled splits (NLL and ECE: the 95 %
+    interval of the difference below 0; accuracy: the pooled difference ≥ 0)."""
     out = {}
     for model_name, methods in results.items():
         if "IVON" not in methods:
@@ -422,6 +582,14 @@ def goals(results: dict) -> dict:
                                                [round(ours["acc"], 4), round(ivon["acc"], 4)])
                 ratio = ours.get("over_ivon", float("nan"))
                 out[f"{tag}: step <= 1.5x IVON"] = (ratio <= 1.5, round(ratio, 2))
+    for key, row in (resampled_rows or {}).items():
+        tag = " ".join(key.split("|")) + ", resampled splits pooled"
+        for k, label in (("nll", "NLL < IVON"), ("ece", "ECE < IVON")):
+            v = row[k]
+            out[f"{tag}: {label}"] = (v["hi"] < 0, [round(v["ours"], 4), round(v["ivon"], 4),
+                                                    [round(v["lo"], 4), round(v["hi"], 4)]])
+        v = row["acc"]
+        out[f"{tag}: acc >= IVON"] = (v["diff"] >= 0, [round(v["ours"], 4), round(v["ivon"], 4)])
     return {k: {"met": bool(v[0]), "value": v[1]} for k, v in out.items()}
 
 
@@ -480,6 +648,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--more-seeds", type=int, default=12,
                         help="VariationalNGD against IVON, paired, on this many more seeds "
                              "(0: none; --quick: none)")
+    parser.add_argument("--resampled", type=int, default=24,
+                        help="VariationalNGD against IVON on this many resampled splits, test "
+                             "points pooled (0: none; --quick: none)")
+    parser.add_argument("--resampled-only", action="store_true",
+                        help="run only the resampled-split comparison, at the configurations "
+                             "of an existing JSON, and add it to that JSON and its table")
     parser.add_argument("--plot-only", action="store_true",
                         help="redraw the PNG from an existing JSON (no training)")
     args = parser.parse_args(argv)
@@ -505,21 +679,43 @@ def main(argv: list[str] | None = None) -> dict:
         result = json.loads(out.read_text())
         plot(result["results"], out.with_suffix(".png"))
         return result
+    # resampled splits: seeds after the paired ones (each seed its own partition)
+    n_resampled = 0 if args.quick and not args.resampled_only else args.resampled
+    if args.resampled_only:
+        result = json.loads(out.read_text())
+        last = max(result["config"]["seeds"] + result["config"]["paired_seeds"])
+        splits = list(range(last + 1, last + 1 + n_resampled))
+        result["resampled"] = resampled(result["results"], splits, result["config"]["epochs"])
+        result["config"]["resampled_seeds"] = splits
+        return write(result, out)
     results = table(args.methods, epochs, grid, seeds, steps, rounds)
     more = list(range(seeds[-1] + 1, seeds[-1] + 1 + (0 if args.quick else args.more_seeds)))
     rows = paired(results, more, epochs) if more else {}
+    splits = list(range(seeds[-1] + len(more) + 1, seeds[-1] + len(more) + 1 + n_resampled))
     config = dict(quick=args.quick, epochs=epochs, grid_size=grid, seeds=seeds,
-                  paired_seeds=more, samples=SAMPLES, vngd=VNGD, ngd=NGD,
-                  torch=torch.__version__, threads=torch.get_num_threads(),
+                  paired_seeds=more, resampled_seeds=splits, samples=SAMPLES, vngd=VNGD,
+                  ngd=NGD, torch=torch.__version__, threads=torch.get_num_threads(),
                   machine=platform.processor() or platform.machine())
-    result = dict(config=config, results=results, goals=goals(results), paired=rows)
+    result = dict(config=config, results=results, paired=rows,
+                  resampled=resampled(results, splits, epochs) if splits else {})
+    return write(result, out)
+
+
+def write(result: dict, out: Path) -> dict:
+    """Goals, then the JSON, the markdown tables and the reliability diagram of ``result``."""
+    config = result["config"]
+    result["goals"] = goals(result["results"], result.get("resampled", {}))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
-    text = markdown(results, seeds) + (
-        "\n" + paired_markdown(rows, more) if rows else "") + "\n## Goals\n\n" + "\n".join(
+    text = markdown(result["results"], config["seeds"])
+    if result.get("paired"):
+        text += "\n" + paired_markdown(result["paired"], config["paired_seeds"])
+    if result.get("resampled"):
+        text += "\n" + resampled_markdown(result["resampled"], config["resampled_seeds"])
+    text += "\n## Goals\n\n" + GOALS_NOTE + "\n\n" + "\n".join(
         f"- [{'x' if g['met'] else ' '}] {k}: {g['value']}" for k, g in result["goals"].items())
     out.with_suffix(".md").write_text(text + "\n")
-    plot(results, out.with_suffix(".png"))
+    plot(result["results"], out.with_suffix(".png"))
     print(text)
     return result
 

@@ -93,3 +93,101 @@ def test_paired_comparison_counts_seeds_where_ours_is_better(monkeypatch):
     assert set(rows) == {f"MLP|VariationalNGD-dense|{p}" for p in ("fp32", "bf16")}
     text = bd.paired_markdown(rows, [3, 4])
     assert "| MLP | VariationalNGD-dense | fp32 | 0.120 / 0.150 | -0.030 ± 0.010 | 2/2 |" in text
+
+
+def _random_run(n, seed, sharp=3.0):
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    probs = torch.softmax(sharp * torch.randn(n, 10, generator=gen, dtype=torch.float64), 1)
+    return probs, torch.randint(10, (n,), generator=gen)
+
+
+def test_pooled_splits_match_calibration_of_the_concatenated_points():
+    """Pooling the per-split bin statistics (unit weights) gives what ``calibration`` gives on
+    all test points at once; integer weights count a split as often as repeated."""
+    import torch
+
+    from structvi.optim import calibration
+
+    runs = [_random_run(n, s) for s, n in enumerate((50, 80, 33))]
+    stats = [bd.split_stats(p, y) for p, y in runs]
+    got = bd.pooled(stats, torch.ones(3))
+    want = calibration(torch.cat([p for p, _ in runs]), torch.cat([y for _, y in runs]))
+    for key in ("nll", "ece", "acc"):
+        assert float(got[key]) == pytest.approx(want[key], rel=1e-12, abs=1e-12), key
+    repeated = calibration(torch.cat([runs[0][0], runs[0][0], runs[2][0]]),
+                           torch.cat([runs[0][1], runs[0][1], runs[2][1]]))
+    batch = bd.pooled(stats, torch.tensor([[2.0, 0.0, 1.0], [1.0, 1.0, 1.0]]))
+    assert float(batch["ece"][0]) == pytest.approx(repeated["ece"], rel=1e-12)
+    assert float(batch["ece"][1]) == pytest.approx(want["ece"], rel=1e-12)
+
+
+def test_bootstrap_weights_draw_splits_with_replacement():
+    import torch
+
+    w = bd.bootstrap_weights(5, 400, torch.Generator().manual_seed(0))
+    assert w.shape == (400, 5) and bool((w.sum(1) == 5).all())
+    assert bool((w == 0).any()) and 0.8 < float(w.mean(0).min()) <= float(w.mean(0).max()) < 1.2
+
+
+def test_compare_pooled_intervals_separate_a_real_difference_from_none():
+    """Ours sharper and right where IVON is right but overconfident when wrong: the NLL
+    difference's interval lies below 0; the same runs against themselves give 0 inside it."""
+    import torch
+
+    ivon, ours = [], []
+    for s in range(8):
+        probs, y = _random_run(200, s, sharp=1.0)
+        ivon.append(bd.split_stats(probs, y))
+        better = 0.5 * probs + 0.5 * torch.nn.functional.one_hot(y, 10).double()
+        ours.append(bd.split_stats(better, y))
+    row = bd.compare_pooled(ours, ivon, draws=500)
+    assert row["nll"]["hi"] < 0 and row["nll"]["p_better"] == 1.0
+    assert row["acc"]["diff"] > 0 and row["acc"]["lo"] > 0
+    same = bd.compare_pooled(ivon, ivon, draws=200)
+    assert same["ece"]["diff"] == 0 and same["ece"]["lo"] <= 0 <= same["ece"]["hi"]
+    assert same["ece"]["p_better"] == 0.0
+    with pytest.raises(ValueError, match="as many runs"):
+        bd.compare_pooled(ours[:3], ivon, draws=10)
+
+
+def test_resampled_trains_each_seed_on_its_own_split_and_flags_failed_runs(monkeypatch):
+    """``resampled``: seed s trains on ``digits_split(s)``; both methods' test points pooled; a
+    run below 50 % test accuracy counts as failed; goals from the pooled intervals."""
+    import torch
+
+    calls = []
+
+    def fake_split(seed):
+        probs, y = _random_run(40, 100 + seed)
+        return {"test": (probs, y)}
+
+    def fake_train(model_name, method, cfg, data, epochs, seed, bf16):
+        calls.append((method, seed, bf16))
+        return None, method, data, [0.0]
+
+    def fake_probs(model, opt, X, bayes, seed):
+        y = fake_split(seed)["test"][1]
+        onehot = torch.nn.functional.one_hot(y, 10).double()
+        if opt == "IVON" and seed == 5:  # did not train: confidently wrong
+            return torch.nn.functional.one_hot((y + 1) % 10, 10).double() * 0.9 + 0.01
+        sharp = 0.7 if opt != "IVON" else 0.4
+        return sharp * onehot + (1 - sharp) * X
+
+    monkeypatch.setattr(bd, "digits_split", fake_split)
+    monkeypatch.setattr(bd, "train", fake_train)
+    monkeypatch.setattr(bd, "predictive_probs", fake_probs)
+    results = {"MLP": {"IVON": dict(config={}), "VariationalNGD-dense": dict(config={})}}
+    rows = bd.resampled(results, [4, 5, 6], epochs=1)
+    assert {(m, s) for m, s, _ in calls} == {(m, s) for m in ("IVON", "VariationalNGD-dense")
+                                            for s in (4, 5, 6)}
+    row = rows["MLP|VariationalNGD-dense|fp32"]
+    assert row["failed_ivon"] == 1 and row["failed_ours"] == 0
+    assert row["nll"]["diff"] < 0 and row["acc"]["diff"] > 0
+    assert len(row["ece_ours_per_split"]) == 3 and 0 < row["ece"]["floor_ours"] < 1
+    text = bd.resampled_markdown(rows, [4, 5, 6])
+    assert "## Against IVON on 3 resampled splits" in text
+    assert "| MLP | VariationalNGD-dense | bf16 |" in text and "| 0 / 1 |" in text
+    got = bd.goals({}, rows)
+    assert got["MLP VariationalNGD-dense fp32, resampled splits pooled: acc >= IVON"]["met"]
