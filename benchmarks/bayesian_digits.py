@@ -470,8 +470,9 @@ def resampled(results: dict, seeds: list[int], epochs: int) -> dict:
 
 
 def resampled_markdown(rows: dict, seeds: list[int]) -> str:
-    lines = [f"## Against IVON on {len(seeds)} resampled splits", "",
-             f"Seeds {seeds[0]}-{seeds[-1]}, each with its own train/validation/test partition "
+    lines = [f"## Against IVON on {len(seeds)} resampled splits (seeds {seeds[0]}-{seeds[-1]})",
+             "",
+             "Each seed with its own train/validation/test partition "
              "of digits and data order, both methods at the configurations chosen above; the "
              f"test points of all splits pooled ({len(seeds)} × 360). Δ: ours − IVON on the "
              "pooled points, with a 95 % interval from 2000 bootstrap draws of the splits "
@@ -560,10 +561,11 @@ GOALS_NOTE = ("On the three seeds: the means of the table. On the resampled spli
               "lower when the pooled accuracy is at least IVON's.")
 
 
-def goals(results: dict, resampled_rows: dict | None = None) -> dict:
+def goals(results: dict, comparisons: list[dict] | None = None) -> dict:
     """VariationalNGD against IVON: NLL and ECE lower, accuracy not lower, step ≤ 1.5× IVON;
-    on the three seeds' means, and on the pooled resampled splits (NLL and ECE: the 95 %
-    interval of the difference below 0; accuracy: the pooled difference ≥ 0)."""
+    on the three seeds' means, and on the pooled points of each resampled-split comparison
+    (``{"seeds", "rows"}`` of :func:`resampled`; NLL and ECE: the 95 % interval of the
+    difference below 0; accuracy: the pooled difference ≥ 0)."""
     out = {}
     for model_name, methods in results.items():
         if "IVON" not in methods:
@@ -582,14 +584,18 @@ def goals(results: dict, resampled_rows: dict | None = None) -> dict:
                                                [round(ours["acc"], 4), round(ivon["acc"], 4)])
                 ratio = ours.get("over_ivon", float("nan"))
                 out[f"{tag}: step <= 1.5x IVON"] = (ratio <= 1.5, round(ratio, 2))
-    for key, row in (resampled_rows or {}).items():
-        tag = " ".join(key.split("|")) + ", resampled splits pooled"
-        for k, label in (("nll", "NLL < IVON"), ("ece", "ECE < IVON")):
-            v = row[k]
-            out[f"{tag}: {label}"] = (v["hi"] < 0, [round(v["ours"], 4), round(v["ivon"], 4),
-                                                    [round(v["lo"], 4), round(v["hi"], 4)]])
-        v = row["acc"]
-        out[f"{tag}: acc >= IVON"] = (v["diff"] >= 0, [round(v["ours"], 4), round(v["ivon"], 4)])
+    for comparison in comparisons or []:
+        span = f"{comparison['seeds'][0]}-{comparison['seeds'][-1]}"
+        for key, row in comparison["rows"].items():
+            tag = " ".join(key.split("|")) + f", resampled splits {span} pooled"
+            for k, label in (("nll", "NLL < IVON"), ("ece", "ECE < IVON")):
+                v = row[k]
+                out[f"{tag}: {label}"] = (v["hi"] < 0, [
+                    round(v["ours"], 4), round(v["ivon"], 4), [round(v["lo"], 4),
+                                                               round(v["hi"], 4)]])
+            v = row["acc"]
+            out[f"{tag}: acc >= IVON"] = (v["diff"] >= 0, [round(v["ours"], 4),
+                                                           round(v["ivon"], 4)])
     return {k: {"met": bool(v[0]), "value": v[1]} for k, v in out.items()}
 
 
@@ -652,11 +658,18 @@ def main(argv: list[str] | None = None) -> dict:
                         help="VariationalNGD against IVON on this many resampled splits, test "
                              "points pooled (0: none; --quick: none)")
     parser.add_argument("--resampled-only", action="store_true",
-                        help="run only the resampled-split comparison, at the configurations "
-                             "of an existing JSON, and add it to that JSON and its table")
-    parser.add_argument("--plot-only", action="store_true",
-                        help="redraw the PNG from an existing JSON (no training)")
+                        help="run only a resampled-split comparison at the configurations of "
+                             "an existing JSON and append it to that JSON and its tables "
+                             "(earlier comparisons are kept; seeds must not repeat)")
+    parser.add_argument("--resampled-first-seed", type=int, default=None,
+                        help="first seed of the resampled splits (default: after every seed "
+                             "the results used so far)")
+    parser.add_argument("--rewrite", action="store_true",
+                        help="rewrite the goals, tables and PNG from an existing JSON (no "
+                             "training)")
     args = parser.parse_args(argv)
+    if args.resampled < 0:
+        parser.error(f"--resampled must be >= 0, got {args.resampled}")
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=".*no statistics were recorded.*")
     # timed windows of whole factor-update periods (T = 40 steps) after 10 warm-up steps
@@ -675,43 +688,59 @@ def main(argv: list[str] | None = None) -> dict:
                 record["methods"] = {**old["methods"], **record["methods"]}
         path.write_text(json.dumps(record, indent=1))
         return record
-    if args.plot_only:
-        result = json.loads(out.read_text())
-        plot(result["results"], out.with_suffix(".png"))
-        return result
-    # resampled splits: seeds after the paired ones (each seed its own partition)
-    n_resampled = 0 if args.quick and not args.resampled_only else args.resampled
+    if args.rewrite:
+        return write(json.loads(out.read_text()), out)
     if args.resampled_only:
         result = json.loads(out.read_text())
-        last = max(result["config"]["seeds"] + result["config"]["paired_seeds"])
-        splits = list(range(last + 1, last + 1 + n_resampled))
-        result["resampled"] = resampled(result["results"], splits, result["config"]["epochs"])
-        result["config"]["resampled_seeds"] = splits
+        splits = resampled_seeds(result, args.resampled, args.resampled_first_seed)
+        result.setdefault("resampled", []).append(dict(
+            seeds=splits, rows=resampled(result["results"], splits, result["config"]["epochs"])))
         return write(result, out)
     results = table(args.methods, epochs, grid, seeds, steps, rounds)
     more = list(range(seeds[-1] + 1, seeds[-1] + 1 + (0 if args.quick else args.more_seeds)))
     rows = paired(results, more, epochs) if more else {}
-    splits = list(range(seeds[-1] + len(more) + 1, seeds[-1] + len(more) + 1 + n_resampled))
     config = dict(quick=args.quick, epochs=epochs, grid_size=grid, seeds=seeds,
-                  paired_seeds=more, resampled_seeds=splits, samples=SAMPLES, vngd=VNGD,
-                  ngd=NGD, torch=torch.__version__, threads=torch.get_num_threads(),
+                  paired_seeds=more, samples=SAMPLES, vngd=VNGD, ngd=NGD,
+                  torch=torch.__version__, threads=torch.get_num_threads(),
                   machine=platform.processor() or platform.machine())
-    result = dict(config=config, results=results, paired=rows,
-                  resampled=resampled(results, splits, epochs) if splits else {})
+    result = dict(config=config, results=results, paired=rows, resampled=[])
+    splits = resampled_seeds(result, 0 if args.quick else args.resampled,
+                             args.resampled_first_seed)
+    if splits:
+        result["resampled"].append(dict(seeds=splits, rows=resampled(results, splits, epochs)))
     return write(result, out)
+
+
+def resampled_seeds(result: dict, count: int, first: int | None) -> list[int]:
+    """``count`` seeds for a resampled-split comparison of ``result``: from ``first``, or after
+    every seed it used so far (table, paired and earlier resampled seeds).
+
+    Raises:
+        ValueError: a seed that ``result`` used already (a comparison must be independent of
+            the earlier ones).
+    """
+    used = set(result["config"]["seeds"]) | set(result["config"].get("paired_seeds", []))
+    for comparison in result.get("resampled", []):
+        used |= set(comparison["seeds"])
+    start = max(used) + 1 if first is None else first
+    seeds = list(range(start, start + count))
+    if used & set(seeds):
+        raise ValueError(f"--resampled-first-seed {first}: seeds {sorted(used & set(seeds))} "
+                         "were used already; expected seeds after " + str(max(used)))
+    return seeds
 
 
 def write(result: dict, out: Path) -> dict:
     """Goals, then the JSON, the markdown tables and the reliability diagram of ``result``."""
     config = result["config"]
-    result["goals"] = goals(result["results"], result.get("resampled", {}))
+    result["goals"] = goals(result["results"], result.get("resampled", []))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     text = markdown(result["results"], config["seeds"])
     if result.get("paired"):
         text += "\n" + paired_markdown(result["paired"], config["paired_seeds"])
-    if result.get("resampled"):
-        text += "\n" + resampled_markdown(result["resampled"], config["resampled_seeds"])
+    for comparison in result.get("resampled", []):
+        text += "\n" + resampled_markdown(comparison["rows"], comparison["seeds"])
     text += "\n## Goals\n\n" + GOALS_NOTE + "\n\n" + "\n".join(
         f"- [{'x' if g['met'] else ' '}] {k}: {g['value']}" for k, g in result["goals"].items())
     out.with_suffix(".md").write_text(text + "\n")

@@ -30,7 +30,7 @@ def test_ivon_temperature_sets_the_effective_sample_size():
     assert bd._ivon(model, dict(lr=0.5), 1200).param_groups[0]["ess"] == 1200
 
 
-def test_quick_run_writes_results_with_confidence_gap(tmp_path):
+def test_quick_run_writes_results_with_confidence_gap(tmp_path, monkeypatch):
     out = tmp_path / "bayesian_digits.json"
     result = bd.main(["--quick", "--methods", "IVON", "VariationalNGD-dense", "--out", str(out)])
     table = out.with_suffix(".md").read_text()
@@ -43,6 +43,39 @@ def test_quick_run_writes_results_with_confidence_gap(tmp_path):
             assert 0.0 < e["acc"] <= 1.0 and 0.0 <= e["ece"] <= 1.0
             assert -1.0 < e["conf_minus_acc"] < 1.0 and 0.0 < e["ece_floor"] < 1.0
     assert json.loads(out.read_text())["goals"]
+    # --resampled-only adds the comparison to the existing JSON, on seeds after its own
+    seen = {}
+
+    def fake_resampled(results, seeds, epochs):
+        seen.update(seeds=seeds, epochs=epochs, models=sorted(results))
+        value = dict(ours=0.1, ivon=0.2, diff=-0.1, lo=-0.15, hi=-0.05, p_better=1.0)
+        return {"CNN|VariationalNGD-dense|fp32": dict(
+            nll=value, ece=dict(value, floor_ours=0.01, floor_ivon=0.01), acc=dict(
+                value, diff=0.01), failed_ours=0, failed_ivon=1,
+            ece_per_split=dict(mean=-0.01, se=0.01, better=2))}
+
+    monkeypatch.setattr(bd, "resampled", fake_resampled)
+    again = bd.main(["--resampled-only", "--resampled", "2", "--out", str(out)])
+    assert seen == dict(seeds=[1, 2], epochs=4, models=sorted(result["results"]))
+    assert again["results"] == json.loads(json.dumps(result["results"]))
+    text = out.with_suffix(".md").read_text()
+    assert "## Against IVON on 2 resampled splits (seeds 1-2)" in text and "| 0 / 1 |" in text
+    assert "- [x] CNN VariationalNGD-dense fp32, resampled splits 1-2 pooled: ECE < IVON" in text
+    # a second comparison is appended on later seeds, the first kept; used seeds are refused
+    bd.main(["--resampled-only", "--resampled", "3", "--out", str(out)])
+    assert seen["seeds"] == [3, 4, 5]
+    kept = json.loads(out.read_text())["resampled"]
+    assert [c["seeds"] for c in kept] == [[1, 2], [3, 4, 5]]
+    assert "## Against IVON on 3 resampled splits (seeds 3-5)" in out.with_suffix(".md").read_text()
+    with pytest.raises(ValueError, match=r"--resampled-first-seed 4: seeds \[4, 5\] were used"):
+        bd.main(["--resampled-only", "--resampled", "2", "--resampled-first-seed", "4",
+                 "--out", str(out)])
+    assert [c["seeds"] for c in json.loads(out.read_text())["resampled"]] == [[1, 2], [3, 4, 5]]
+    # --rewrite redraws the tables from the JSON alone
+    before = out.with_suffix(".md").read_text()
+    out.with_suffix(".md").unlink()
+    bd.main(["--rewrite", "--out", str(out)])
+    assert out.with_suffix(".md").read_text() == before
 
 
 def test_grids_are_the_recorded_selection_on_other_seeds():
@@ -187,7 +220,7 @@ def test_resampled_trains_each_seed_on_its_own_split_and_flags_failed_runs(monke
     assert row["nll"]["diff"] < 0 and row["acc"]["diff"] > 0
     assert len(row["ece_ours_per_split"]) == 3 and 0 < row["ece"]["floor_ours"] < 1
     text = bd.resampled_markdown(rows, [4, 5, 6])
-    assert "## Against IVON on 3 resampled splits" in text
+    assert "## Against IVON on 3 resampled splits (seeds 4-6)" in text
     assert "| MLP | VariationalNGD-dense | bf16 |" in text and "| 0 / 1 |" in text
-    got = bd.goals({}, rows)
-    assert got["MLP VariationalNGD-dense fp32, resampled splits pooled: acc >= IVON"]["met"]
+    got = bd.goals({}, [dict(seeds=[4, 5, 6], rows=rows)])
+    assert got["MLP VariationalNGD-dense fp32, resampled splits 4-6 pooled: acc >= IVON"]["met"]
