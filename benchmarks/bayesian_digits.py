@@ -537,7 +537,8 @@ def markdown(results: dict, seeds: list[int]) -> str:
              f"validation NLL on seeds 100-102 among {len(CANDIDATES['IVON'])} candidates, see "
              f"bayesian_digits_grid.json). `conf − acc`: mean top-class probability minus "
              "accuracy (< 0: underconfident). `step / IVON`: per-step time over IVON's, "
-             "interleaved, same precision.", ""]
+             "interleaved, same precision (the time comparison); `s/epoch`: wall time of "
+             "the training runs, one after another (load on the machine shows in it).", ""]
     for precision, title in (("fp32", "float32"), ("bf16", "bf16 parameters")):
         lines += [f"## {title}", "", "| model | method | config | test acc | test NLL | ECE "
                   "| ECE floor | conf − acc | s/epoch | step / IVON | state MiB |",
