@@ -337,28 +337,39 @@ def paired(results: dict, seeds: list[int], epochs: int) -> dict:
     return out
 
 
-def paired_markdown(rows: dict, seeds: list[int]) -> str:
-    lines = [f"## Against IVON on {len(seeds)} more seeds", "",
-             f"Seeds {seeds[0]}-{seeds[-1]}, each method at the configuration chosen above; per "
-             "seed the difference ours − IVON on the test split (same split and data order for "
-             "both): mean ± standard error, and on how many seeds ours is better. `ECE − floor`: "
-             "the ECE less the ECE a calibrated predictor with the same probabilities would "
-             "show on the 360 test points (`structvi.optim.ece_floor`; binned ECE is biased "
-             "upwards, the more so the more middling the confidences).", "",
-             "| model | method | precision | test NLL (ours / IVON) | Δ NLL | better | ECE (ours "
-             "/ IVON) | Δ ECE | better | ECE − floor (ours / IVON) | Δ | better | acc (ours / "
-             "IVON) | Δ acc | better |",
-             "|" + "---|" * 15]
+def comparison_markdown(title: str, intro: str, columns: list[str], rows: dict,
+                        cells: Callable[[dict], list[str]]) -> str:
+    """A ``## title`` section: ``intro``, then a table of one line per ``rows`` key
+    (``model|method|precision``) with ``cells(row)`` after those three columns."""
+    lines = [f"## {title}", "", intro, "",
+             "| model | method | precision | " + " | ".join(columns) + " |",
+             "|" + "---|" * (3 + len(columns))]
     for key, row in rows.items():
-        model_name, name, precision = key.split("|")
-        cells = []
+        lines.append("| " + " | ".join(key.split("|") + cells(row)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def paired_markdown(rows: dict, seeds: list[int]) -> str:
+    def cells(row: dict) -> list[str]:
+        out = []
         for k, digits in (("nll", 3), ("ece", 4), ("ece_excess", 4), ("acc", 4)):
             v = row[k]
-            cells += [f"{v['ours']:.{digits}f} / {v['ivon']:.{digits}f}",
-                      f"{v['mean']:+.{digits}f} ± {v['se']:.{digits}f}",
-                      f"{v['better']}/{len(seeds)}"]
-        lines.append(f"| {model_name} | {name} | {precision} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+            out += [f"{v['ours']:.{digits}f} / {v['ivon']:.{digits}f}",
+                    f"{v['mean']:+.{digits}f} ± {v['se']:.{digits}f}",
+                    f"{v['better']}/{len(seeds)}"]
+        return out
+
+    return comparison_markdown(
+        f"Against IVON on {len(seeds)} more seeds",
+        f"Seeds {seeds[0]}-{seeds[-1]}, each method at the configuration chosen above; per "
+        "seed the difference ours − IVON on the test split (same split and data order for "
+        "both): mean ± standard error, and on how many seeds ours is better. `ECE − floor`: "
+        "the ECE less the ECE a calibrated predictor with the same probabilities would "
+        "show on the 360 test points (`structvi.optim.ece_floor`; binned ECE is biased "
+        "upwards, the more so the more middling the confidences).",
+        ["test NLL (ours / IVON)", "Δ NLL", "better", "ECE (ours / IVON)", "Δ ECE", "better",
+         "ECE − floor (ours / IVON)", "Δ", "better", "acc (ours / IVON)", "Δ acc", "better"],
+        rows, cells)
 
 
 BINS = 15  # as structvi.optim.calibration
@@ -470,38 +481,32 @@ def resampled(results: dict, seeds: list[int], epochs: int) -> dict:
 
 
 def resampled_markdown(rows: dict, seeds: list[int]) -> str:
-    lines = [f"## Against IVON on {len(seeds)} resampled splits (seeds {seeds[0]}-{seeds[-1]})",
-             "",
-             "Each seed with its own train/validation/test partition "
-             "of digits and data order, both methods at the configurations chosen above; the "
-             f"test points of all splits pooled ({len(seeds)} × 360). Δ: ours − IVON on the "
-             "pooled points, with a 95 % interval from 2000 bootstrap draws of the splits "
-             "(the same draw for both methods); `P`: the share of draws where ours is better. "
-             "`failed`: runs below 50 % test accuracy (ours / IVON), included in the pools. "
-             "`per split`: the mean ECE difference ± standard error and on how many splits "
-             "ours is better.", "",
-             "| model | method | precision | NLL (ours / IVON) | Δ NLL [95 %] | P | ECE "
-             "(ours / IVON) | Δ ECE [95 %] | P | ECE per split | acc (ours / IVON) | Δ acc "
-             "[95 %] | failed |",
-             "|" + "---|" * 13]
-    for key, row in rows.items():
-        model_name, name, precision = key.split("|")
-        cells = []
+    def cells(row: dict) -> list[str]:
+        out = []
         for k, digits in (("nll", 3), ("ece", 4)):
             v = row[k]
             floors = (f" (floor {v['floor_ours']:.4f} / {v['floor_ivon']:.4f})"
                       if "floor_ours" in v else "")
-            cells += [f"{v['ours']:.{digits}f} / {v['ivon']:.{digits}f}{floors}",
-                      f"{v['diff']:+.{digits}f} [{v['lo']:+.{digits}f}, {v['hi']:+.{digits}f}]",
-                      f"{v['p_better']:.2f}"]
-        e = row["ece_per_split"]
-        cells.append(f"{e['mean']:+.4f} ± {e['se']:.4f} ({e['better']}/{len(seeds)})")
-        v = row["acc"]
-        cells += [f"{v['ours']:.4f} / {v['ivon']:.4f}",
-                  f"{v['diff']:+.4f} [{v['lo']:+.4f}, {v['hi']:+.4f}]",
-                  f"{row['failed_ours']} / {row['failed_ivon']}"]
-        lines.append(f"| {model_name} | {name} | {precision} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+            out += [f"{v['ours']:.{digits}f} / {v['ivon']:.{digits}f}{floors}",
+                    f"{v['diff']:+.{digits}f} [{v['lo']:+.{digits}f}, {v['hi']:+.{digits}f}]",
+                    f"{v['p_better']:.2f}"]
+        e, v = row["ece_per_split"], row["acc"]
+        return out + [f"{e['mean']:+.4f} ± {e['se']:.4f} ({e['better']}/{len(seeds)})",
+                      f"{v['ours']:.4f} / {v['ivon']:.4f}",
+                      f"{v['diff']:+.4f} [{v['lo']:+.4f}, {v['hi']:+.4f}]",
+                      f"{row['failed_ours']} / {row['failed_ivon']}"]
+
+    return comparison_markdown(
+        f"Against IVON on {len(seeds)} resampled splits (seeds {seeds[0]}-{seeds[-1]})",
+        "Each seed with its own train/validation/test partition of digits and data order, "
+        "both methods at the configurations chosen above; the test points of all splits "
+        f"pooled ({len(seeds)} × 360). Δ: ours − IVON on the pooled points, with a 95 % "
+        "interval from 2000 bootstrap draws of the splits (the same draw for both methods); "
+        "`P`: the share of draws where ours is better. `failed`: runs below 50 % test "
+        "accuracy (ours / IVON), included in the pools. `per split`: the mean ECE difference "
+        "± standard error and on how many splits ours is better.",
+        ["NLL (ours / IVON)", "Δ NLL [95 %]", "P", "ECE (ours / IVON)", "Δ ECE [95 %]", "P",
+         "ECE per split", "acc (ours / IVON)", "Δ acc [95 %]", "failed"], rows, cells)
 
 
 def select_grids(methods: list[str], seeds: list[int], epochs: int = 30) -> dict:
