@@ -144,14 +144,21 @@ def test_pooled_splits_match_calibration_of_the_concatenated_points():
     from structvi.optim import calibration
 
     runs = [_random_run(n, s) for s, n in enumerate((50, 80, 33))]
+    # confidences on bin edges (1.0, 0.2 = 3/15, 0.6 = 9/15) fall in the same bins as there
+    edge = torch.zeros(3, 10, dtype=torch.float64)
+    edge[0, 2] = 1.0
+    edge[1] = 0.8 / 9
+    edge[1, 4] = 0.2
+    edge[2, :2] = torch.tensor([0.6, 0.4], dtype=torch.float64)
+    runs.append((edge, torch.tensor([2, 5, 1])))
     stats = [bd.split_stats(p, y) for p, y in runs]
-    got = bd.pooled(stats, torch.ones(3))
+    got = bd.pooled(stats, torch.ones(4))
     want = calibration(torch.cat([p for p, _ in runs]), torch.cat([y for _, y in runs]))
     for key in ("nll", "ece", "acc"):
         assert float(got[key]) == pytest.approx(want[key], rel=1e-12, abs=1e-12), key
     repeated = calibration(torch.cat([runs[0][0], runs[0][0], runs[2][0]]),
                            torch.cat([runs[0][1], runs[0][1], runs[2][1]]))
-    batch = bd.pooled(stats, torch.tensor([[2.0, 0.0, 1.0], [1.0, 1.0, 1.0]]))
+    batch = bd.pooled(stats, torch.tensor([[2.0, 0.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]]))
     assert float(batch["ece"][0]) == pytest.approx(repeated["ece"], rel=1e-12)
     assert float(batch["ece"][1]) == pytest.approx(want["ece"], rel=1e-12)
 
